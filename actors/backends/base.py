@@ -1,0 +1,73 @@
+"""The one async interface every engine backend implements.
+
+``generate`` is the only call a backend must provide; lifecycle calls have safe
+defaults here (a log line where the backend cannot do it), so a backend states what
+it supports by overriding them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from inferpool.types import EngineInfo, GenerateRequest, GenerateResult
+
+logger = logging.getLogger(__name__)
+
+PauseMode = Literal["abort", "wait", "keep"]
+
+
+@runtime_checkable
+class EngineBackend(Protocol):
+    """What the engine actor needs from a backend."""
+
+    async def start(self) -> EngineInfo: ...
+    async def generate(self, request: GenerateRequest) -> GenerateResult: ...
+    async def abort(self, request_id: str) -> None: ...
+    async def health(self) -> None: ...
+    async def backend_stats(self) -> dict[str, Any]: ...
+    async def pause(self, mode: PauseMode) -> None: ...
+    async def resume(self) -> None: ...
+    async def sleep(self, level: int) -> None: ...
+    async def wake(self, tags: list[str] | None) -> None: ...
+    async def reset_prefix_cache(self) -> None: ...
+    async def shutdown(self) -> None: ...
+
+
+class BaseBackend:
+    """Safe defaults for the optional lifecycle calls."""
+
+    name = "base"
+
+    async def start(self) -> EngineInfo:
+        raise NotImplementedError
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        raise NotImplementedError
+
+    async def abort(self, request_id: str) -> None:
+        logger.info("%s backend cannot abort; request %s runs to completion", self.name, request_id)
+
+    async def health(self) -> None:
+        """Raise if the backend cannot serve; must not generate."""
+
+    async def backend_stats(self) -> dict[str, Any]:
+        return {}
+
+    async def pause(self, mode: PauseMode) -> None:
+        logger.info("%s backend has no native pause (mode=%s)", self.name, mode)
+
+    async def resume(self) -> None:
+        logger.info("%s backend has no native resume", self.name)
+
+    async def sleep(self, level: int) -> None:
+        logger.info("%s backend cannot release accelerator memory (sleep level=%s): no-op", self.name, level)
+
+    async def wake(self, tags: list[str] | None) -> None:
+        logger.info("%s backend cannot sleep, so wake is a no-op", self.name)
+
+    async def reset_prefix_cache(self) -> None:
+        logger.info("%s backend has no prefix cache to reset", self.name)
+
+    async def shutdown(self) -> None:
+        return None

@@ -1,0 +1,185 @@
+"""The engine actor: one Ray actor per engine replica, wrapping one backend in-process.
+
+:class:`EngineActor` is a plain class (constructing it starts nothing; ``start()``
+starts the backend), so it can be tested without Ray. :func:`engine_actor_class`
+returns it as a Ray actor class; :func:`engine_actor_options` computes the resources,
+placement and environment of one replica from its :class:`EngineConfig`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ray
+
+from inferpool.actors.backends import create_backend
+from inferpool.actors.backends.base import EngineBackend, PauseMode
+from inferpool.config import EngineConfig
+from inferpool.errors import BackendError, EngineError, InferpoolError, RequestError
+from inferpool.log import setup_logging
+from inferpool.types import EngineInfo, EngineStats, GenerateRequest, GenerateResult
+
+logger = logging.getLogger(__name__)
+
+
+class EngineActor:
+    """One engine replica: generate, health, stats, abort and lifecycle calls."""
+
+    def __init__(
+        self, config: EngineConfig, engine_id: str, backend: EngineBackend | None = None
+    ) -> None:
+        setup_logging()
+        self.config = config
+        self.engine_id = engine_id
+        self.backend = backend if backend is not None else create_backend(config, engine_id)
+        self.info: EngineInfo | None = None
+        self._in_flight: dict[str, float] = {}
+        self._stats = EngineStats(engine_id=engine_id)
+        self._started = time.monotonic()
+
+    async def start(self) -> EngineInfo:
+        """Start the backend (load the model); returns the engine's static facts."""
+        if self.info is None:
+            t0 = time.perf_counter()
+            self.info = await self.backend.start()
+            try:
+                self.info.node_id = ray.get_runtime_context().get_node_id()
+            except Exception:  # not inside Ray
+                self.info.node_id = ""
+            logger.info(
+                "engine %s (%s) started in %.1fs", self.engine_id, self.info.backend, time.perf_counter() - t0
+            )
+        return self.info
+
+    # -- generation -------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        """Serve one request. Errors leave as inferpool errors, never bare backend ones."""
+        if self.info is None:
+            raise EngineError(f"engine {self.engine_id} was not started")
+        self._in_flight[request.request_id] = time.monotonic()
+        self._stats.prompt_tokens += len(request.prompt_token_ids)
+        try:
+            result = await self.backend.generate(request)
+        except asyncio.CancelledError:
+            self._stats.aborted += 1
+            await self.backend.abort(request.request_id)
+            raise
+        except InferpoolError:
+            self._stats.failed += 1
+            raise
+        except ValueError as exc:  # backends reject bad input with ValueError
+            self._stats.failed += 1
+            raise RequestError(f"engine {self.engine_id} rejected the request: {exc}") from exc
+        except Exception as exc:
+            self._stats.failed += 1
+            logger.exception("engine %s: backend failed on %s", self.engine_id, request.request_id)
+            raise BackendError(
+                f"engine {self.engine_id} ({self.config.backend}) failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            self._in_flight.pop(request.request_id, None)
+        result.engine_id = self.engine_id
+        self._stats.served += 1
+        self._stats.generated_tokens += result.num_generated_tokens
+        return result
+
+    async def generate_batch(
+        self, requests: list[GenerateRequest]
+    ) -> list[GenerateResult | InferpoolError]:
+        """Serve many requests with one actor call; a failed request yields its error in place."""
+        outcomes = await asyncio.gather(*(self.generate(r) for r in requests), return_exceptions=True)
+        results: list[GenerateResult | InferpoolError] = []
+        for out in outcomes:
+            if isinstance(out, GenerateResult | InferpoolError):
+                results.append(out)
+            elif isinstance(out, BaseException):
+                results.append(BackendError(f"engine {self.engine_id}: {type(out).__name__}: {out}"))
+        return results
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort one in-flight request; it ends with finish reason 'abort'."""
+        if request_id not in self._in_flight:
+            return False
+        await self.backend.abort(request_id)
+        return True
+
+    # -- health and stats ---------------------------------------------------------------
+    async def health(self) -> bool:
+        """Cheap liveness check (no generation); raises if the backend cannot serve."""
+        if self.info is None:
+            raise EngineError(f"engine {self.engine_id} was not started")
+        await self.backend.health()
+        return True
+
+    async def stats(self) -> EngineStats:
+        extra = await self.backend.backend_stats()
+        self._stats.in_flight = len(self._in_flight)
+        self._stats.queue_len = int(extra.get("queue_len", 0) or 0)
+        self._stats.kv_cache_usage = extra.get("kv_cache_usage")
+        self._stats.prefix_cache_hit_rate = extra.get("prefix_cache_hit_rate")
+        self._stats.weight_version = extra.get("weight_version")
+        self._stats.uptime_s = time.monotonic() - self._started
+        return self._stats
+
+    def get_info(self) -> EngineInfo | None:
+        return self.info
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def pause(self, mode: PauseMode = "keep") -> None:
+        await self.backend.pause(mode)
+
+    async def resume(self) -> None:
+        await self.backend.resume()
+
+    async def sleep(self, level: int = 1) -> None:
+        await self.backend.sleep(level)
+
+    async def wake(self, tags: list[str] | None = None) -> None:
+        await self.backend.wake(tags)
+
+    async def reset_prefix_cache(self) -> None:
+        await self.backend.reset_prefix_cache()
+
+    async def control(self, method: str, kwargs: dict[str, Any] | None = None) -> Any:
+        """Call a backend-specific control method it declares (e.g. the fake's inject_fault)."""
+        allowed = getattr(self.backend, "control_methods", frozenset())
+        if method not in allowed:
+            raise RequestError(
+                f"method: backend {self.config.backend!r} has no control method {method!r} "
+                f"(has: {sorted(allowed)})",
+                field="method",
+            )
+        out = getattr(self.backend, method)(**(kwargs or {}))
+        if asyncio.iscoroutine(out):
+            out = await out
+        return out
+
+    async def shutdown(self) -> None:
+        await self.backend.shutdown()
+
+
+def engine_actor_options(config: EngineConfig, name: str, namespace: str, detached: bool) -> dict[str, Any]:
+    """Ray actor options of one replica: resources, concurrency, process environment."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if config.resolved_subprocess() else "0"}
+    env.update(config.env_vars)
+    return {
+        "name": name,
+        "namespace": namespace,
+        "lifetime": "detached" if detached else None,
+        "num_cpus": config.resolved_num_cpus(),
+        "num_gpus": config.num_gpus,
+        "max_concurrency": 100_000,
+        "max_restarts": 0,
+        "runtime_env": {"env_vars": env},
+    }
+
+
+def engine_actor_class() -> Any:
+    """EngineActor as a Ray actor class."""
+    return _ENGINE_ACTOR
+
+
+_ENGINE_ACTOR = ray.remote(EngineActor)

@@ -1,0 +1,64 @@
+"""inferpool: a Ray-native pool of LLM inference engines for RL rollouts."""
+
+from inferpool.config import EngineConfig, PoolConfig, RouterConfig, SessionConfig
+from inferpool.errors import (
+    BackendError,
+    ConfigError,
+    EngineDeadError,
+    EngineError,
+    EngineOverloadedError,
+    EngineTimeoutError,
+    InferpoolError,
+    NoHealthyEngineError,
+    RequestError,
+    SessionError,
+    SessionExpiredError,
+    SessionNotFoundError,
+)
+from inferpool.pool import Pool
+from inferpool.types import (
+    Choice,
+    EngineInfo,
+    EngineStats,
+    GenerateRequest,
+    GenerateResult,
+    SamplingParams,
+)
+
+__version__ = "0.1.0"
+
+
+def tiny_model(*args: object, **kwargs: object) -> str:
+    """Path of the embedded tiny chat model, built and cached on first use."""
+    from inferpool.tiny_model import tiny_model as _tiny_model
+
+    return _tiny_model(*args, **kwargs)  # type: ignore[arg-type]
+
+
+__all__ = [
+    "BackendError",
+    "Choice",
+    "ConfigError",
+    "EngineConfig",
+    "EngineDeadError",
+    "EngineError",
+    "EngineInfo",
+    "EngineOverloadedError",
+    "EngineStats",
+    "EngineTimeoutError",
+    "GenerateRequest",
+    "GenerateResult",
+    "InferpoolError",
+    "NoHealthyEngineError",
+    "Pool",
+    "PoolConfig",
+    "RequestError",
+    "RouterConfig",
+    "SamplingParams",
+    "SessionConfig",
+    "SessionError",
+    "SessionExpiredError",
+    "SessionNotFoundError",
+    "__version__",
+    "tiny_model",
+]

@@ -1,0 +1,157 @@
+"""Typed configuration of a pool: engines, router, sessions."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from inferpool._model import ConfigModel
+
+Backend = Literal["vllm", "sglang", "fake", "openai", "vllm_http", "sglang_http", "trl_http"]
+LOCAL_BACKENDS = ("vllm", "sglang", "fake")
+REMOTE_BACKENDS = ("openai", "vllm_http", "sglang_http", "trl_http")
+Policy = Literal["least_loaded", "session_affinity", "prefix_aware", "power_of_two"]
+
+
+class EngineConfig(ConfigModel):
+    """One group of identical engine replicas."""
+
+    backend: Backend = Field(
+        "vllm",
+        description="Engine backend: in-process 'vllm' / 'sglang', the deterministic 'fake', or a "
+        "remote server ('openai', 'vllm_http', 'sglang_http', 'trl_http').",
+    )
+    model: str | None = Field(
+        None,
+        description="Hugging Face id or local path. None: the embedded tiny model (ip.tiny_model()).",
+    )
+    replicas: int = Field(1, ge=1, description="How many engine actors of this kind to start.")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per engine (fractional for colocation).")
+    num_cpus: float | None = Field(
+        None,
+        ge=0.0,
+        description="Logical CPUs reserved per engine. None: 1 with GPUs; 0.5 for a CPU vLLM engine "
+        "(two engines and a worker task fit on 2 cores); 0 for the fake engine.",
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed through to the backend (e.g. vLLM AsyncEngineArgs, fake engine options).",
+    )
+    engine_core_subprocess: bool | None = Field(
+        None,
+        description="vLLM: run the engine core in its own process. None: on with a GPU, off on CPU "
+        "(in-process starts faster on small CPU machines).",
+    )
+    dtype: str | None = Field(
+        None, description="Model dtype. None: float32 on CPU (exact logprobs), 'auto' on GPU."
+    )
+    seed: int = Field(0, description="Engine seed (vLLM's global seed, the fake engine's RNG seed).")
+    max_requests_per_engine: int | None = Field(
+        None, ge=1, description="Capacity override for these engines; None: RouterConfig's value."
+    )
+    eval_requests_per_engine: int | None = Field(
+        None, ge=0, description="Eval quota override for these engines; None: RouterConfig's value."
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="A generate call that takes longer is aborted and reported as a timeout."
+    )
+    start_timeout_s: float = Field(600.0, gt=0, description="How long an engine may take to start.")
+    base_url: str | None = Field(None, description="Remote backends: the server's base URL.")
+    api_key: str | None = Field(None, description="Remote backends: bearer token.")
+    provider: str | None = Field(
+        None, description="Remote 'openai' backend: provider name (openai, openrouter, anthropic, ...)."
+    )
+    timeout: float = Field(120.0, gt=0, description="Remote backends: per-HTTP-request timeout (s).")
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables for the engine actor's process."
+    )
+
+    @model_validator(mode="after")
+    def _check_remote(self) -> EngineConfig:
+        if self.backend in REMOTE_BACKENDS and not self.base_url:
+            raise ValueError(f"backend {self.backend!r} needs base_url")
+        return self
+
+    def resolved_num_cpus(self) -> float:
+        if self.num_cpus is not None:
+            return self.num_cpus
+        if self.num_gpus > 0:
+            return 1.0
+        if self.backend == "vllm" or self.backend == "sglang":
+            return 0.5
+        return 0.0
+
+    def resolved_subprocess(self) -> bool:
+        if self.engine_core_subprocess is not None:
+            return self.engine_core_subprocess
+        return self.num_gpus > 0
+
+
+class RouterConfig(ConfigModel):
+    """Selection policy and capacity of the router actor."""
+
+    policy: Policy = Field("least_loaded", description="Engine selection policy.")
+    max_requests_per_engine: int = Field(
+        512, ge=1, description="Concurrent requests one engine may hold (train + eval)."
+    )
+    eval_requests_per_engine: int = Field(
+        64,
+        ge=0,
+        description="Slots per engine reserved for eval requests: eval uses only these, train uses "
+        "the rest, so train never takes capacity eval needs.",
+    )
+    max_n_per_request: int = Field(
+        8, ge=1, description="Requests with larger n are split into sub-requests of at most this n."
+    )
+    acquire_timeout_s: float = Field(
+        60.0, gt=0, description="Bounded wait for a free, healthy engine before a clear error."
+    )
+    lease_timeout_s: float = Field(
+        3600.0, gt=0, description="A lease not released after this long is reclaimed (caller died)."
+    )
+    health_interval_s: float = Field(5.0, gt=0, description="Seconds between health checks of each engine.")
+    health_timeout_s: float = Field(10.0, gt=0, description="A health check slower than this fails.")
+    unhealthy_after: int = Field(1, ge=1, description="Consecutive failed checks that mark an engine unhealthy.")
+    max_attempts: int = Field(
+        3, ge=1, description="Total attempts per request across engines for retryable faults."
+    )
+    max_staleness: int | None = Field(
+        None, ge=0, description="Reject session turns whose earliest tokens are this many versions old."
+    )
+
+
+class SessionConfig(ConfigModel):
+    """Managed sessions."""
+
+    shards: int = Field(2, ge=1, description="Number of SessionStore actors sessions are hashed over.")
+    idle_ttl_s: float = Field(3600.0, gt=0, description="A session idle this long is evicted.")
+    allow_placeholder_tokens: bool = Field(
+        False,
+        description="Allow sessions on backends without token ids (hosted APIs), recording text "
+        "with placeholder tokens. Also enabled by INFERPOOL_ALLOW_PLACEHOLDER_TOKENS=1.",
+    )
+
+
+class PoolConfig(ConfigModel):
+    """A whole pool: its name, engines, router and sessions."""
+
+    name: str = Field("default", min_length=1, description="Pool name; Pool.connect(name) finds it.")
+    engines: list[EngineConfig] = Field(
+        default_factory=lambda: [EngineConfig()],
+        description="Engine groups. Default: one vLLM engine on the embedded tiny model.",
+    )
+    router: RouterConfig = Field(default_factory=RouterConfig, description="Router settings.")
+    sessions: SessionConfig = Field(default_factory=SessionConfig, description="Session settings.")
+    namespace: str = Field("inferpool", description="Ray namespace of the pool's named actors.")
+    detached: bool = Field(
+        False, description="Keep the pool's actors alive after the starting driver exits."
+    )
+    start_timeout_s: float = Field(900.0, gt=0, description="How long Pool.start waits for all engines.")
+
+    @field_validator("engines")
+    @classmethod
+    def _non_empty(cls, v: list[EngineConfig]) -> list[EngineConfig]:
+        if not v:
+            raise ValueError("at least one engine group is needed")
+        return v

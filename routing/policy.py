@@ -1,0 +1,163 @@
+"""Engine selection policies: small pure classes, testable without Ray.
+
+A policy sees the router's view of every engine (:class:`EngineSlot`) and a
+:class:`RouteRequest`, and returns the engine to use, or None when no healthy engine
+has a free slot for the request's split. The router reserves the slot right after
+the choice, in the same event-loop step, so choosing and reserving are atomic.
+
+Capacity rule (train/eval split): each engine has ``capacity`` slots, of which
+``eval_quota`` are reserved for eval. Eval requests use only those; train requests use
+the other ``capacity - eval_quota``, so train never takes capacity eval needs. With
+``eval_quota == 0`` nothing is reserved and eval shares the train slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from inferpool.types import Split
+
+
+@dataclasses.dataclass(slots=True)
+class EngineSlot:
+    """The router's view of one engine's load and health."""
+
+    engine_id: str
+    capacity: int = 512
+    eval_quota: int = 64
+    train_in_flight: int = 0
+    eval_in_flight: int = 0
+    healthy: bool = True
+    weight: float = 1.0  # 0..1, scales usable capacity
+
+    @property
+    def in_flight(self) -> int:
+        return self.train_in_flight + self.eval_in_flight
+
+    def limit(self, split: Split) -> int:
+        """Usable slots for a split (before subtracting what is in flight)."""
+        if split == "eval" and self.eval_quota > 0:
+            base = self.eval_quota
+        else:
+            base = self.capacity - self.eval_quota
+        return int(base * max(0.0, min(1.0, self.weight)))
+
+    def free(self, split: Split) -> int:
+        if split == "eval" and self.eval_quota > 0:
+            return self.limit("eval") - self.eval_in_flight
+        if split == "eval":  # no reservation: eval shares the train slots
+            return self.limit("train") - self.in_flight
+        return self.limit("train") - self.train_in_flight - (
+            self.eval_in_flight if self.eval_quota == 0 else 0
+        )
+
+    def reserve(self, split: Split, count: int = 1) -> None:
+        if split == "eval":
+            self.eval_in_flight += count
+        else:
+            self.train_in_flight += count
+
+    def release(self, split: Split, count: int = 1) -> None:
+        if split == "eval":
+            self.eval_in_flight = max(0, self.eval_in_flight - count)
+        else:
+            self.train_in_flight = max(0, self.train_in_flight - count)
+
+
+@dataclasses.dataclass(slots=True)
+class RouteRequest:
+    """What a policy may look at when choosing."""
+
+    split: Split = "train"
+    session_id: str | None = None
+    prompt_token_ids: Sequence[int] | None = None
+    exclude: frozenset[str] = frozenset()
+
+
+class Policy(Protocol):
+    """Chooses an engine for a request, or None when none can take it."""
+
+    name: str
+
+    def choose(self, engines: Sequence[EngineSlot], request: RouteRequest) -> EngineSlot | None: ...
+
+    def on_served(self, engine_id: str, request: RouteRequest) -> None:
+        """Called after the router reserved a slot on ``engine_id`` for ``request``."""
+        ...
+
+
+def candidates(engines: Sequence[EngineSlot], request: RouteRequest) -> list[EngineSlot]:
+    """Healthy, not excluded engines with a free slot for the request's split."""
+    return [
+        e
+        for e in engines
+        if e.healthy and e.engine_id not in request.exclude and e.free(request.split) > 0
+    ]
+
+
+class LeastLoaded:
+    """The healthy engine with the most free capacity; ties broken round-robin."""
+
+    name = "least_loaded"
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def choose(self, engines: Sequence[EngineSlot], request: RouteRequest) -> EngineSlot | None:
+        pool = candidates(engines, request)
+        if not pool:
+            return None
+        best = max(e.free(request.split) for e in pool)
+        tied = [e for e in pool if e.free(request.split) == best]
+        choice = tied[self._turn % len(tied)]
+        self._turn += 1
+        return choice
+
+    def on_served(self, engine_id: str, request: RouteRequest) -> None:
+        return None
+
+
+POLICIES: dict[str, type] = {"least_loaded": LeastLoaded}
+
+# Built-in policies in their own modules, imported on first use by make_policy (they
+# import this module, so importing them here at the top would be a cycle).
+_BUILTIN_POLICIES: dict[str, tuple[str, str]] = {
+    "session_affinity": ("inferpool.routing.affinity", "SessionAffinity"),
+    "prefix_aware": ("inferpool.routing.prefix", "PrefixAware"),
+    "power_of_two": ("inferpool.routing.p2c", "PowerOfTwo"),
+}
+
+
+def _load_builtin_policies() -> None:
+    import importlib
+
+    for name, (module, attr) in _BUILTIN_POLICIES.items():
+        if name not in POLICIES:
+            POLICIES[name] = getattr(importlib.import_module(module), attr)
+
+
+def make_policy(name: str, **options: Any) -> Policy:
+    """Instantiate a policy by its ``RouterConfig.policy`` name.
+
+    ``options`` are passed to the policy's constructor as keywords (each policy
+    documents its own); an unknown or invalid option raises ConfigError.
+    """
+    from inferpool.errors import ConfigError
+
+    _load_builtin_policies()
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise ConfigError(
+            f"RouterConfig.policy: unknown policy {name!r} (known: {sorted(POLICIES)})",
+            field="policy",
+        ) from None
+    try:
+        policy: Policy = cls(**options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"RouterConfig.policy {name!r}: bad options {options!r}: {exc}", field="policy"
+        ) from exc
+    return policy

@@ -1,0 +1,304 @@
+"""The router: the single authority over which engine serves a request.
+
+It keeps the engine registry, per-engine in-flight counts, health, and leases. It is
+not on the payload path: a caller acquires a lease (an engine id with a reserved
+slot), calls the engine actor itself, and releases the lease. Choosing and reserving
+happen in one event-loop step, so there is no check-then-act race.
+
+:class:`Router` is a plain class (testable without Ray); :data:`RouterActor` is the
+same class as a Ray actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+
+from inferpool.config import PoolConfig, RouterConfig
+from inferpool.errors import EngineOverloadedError, NoHealthyEngineError, RequestError
+from inferpool.routing.policy import EngineSlot, Policy, RouteRequest, make_policy
+from inferpool.types import EngineInfo, Split
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(slots=True)
+class Lease:
+    """A reserved slot on one engine."""
+
+    lease_id: int
+    engine_id: str
+    split: Split
+    deadline: float
+
+
+@dataclasses.dataclass(slots=True)
+class _Engine:
+    slot: EngineSlot
+    handle: Any
+    info: EngineInfo
+    group: int = 0
+    failures: int = 0
+    last_error: str = ""
+
+
+class Router:
+    """Engine registry + selection policy + leases + health checks."""
+
+    def __init__(self, config: RouterConfig, pool_config: PoolConfig | None = None) -> None:
+        self.config = config
+        self.pool_config = pool_config
+        self.policy: Policy = make_policy(config.policy)
+        self._engines: dict[str, _Engine] = {}
+        self._leases: dict[int, Lease] = {}
+        self._ids = itertools.count(1)
+        self._changed: asyncio.Condition | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self.decisions = 0
+
+    # -- registry ---------------------------------------------------------------------
+    def _cond(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def _notify(self) -> None:
+        cond = self._cond()
+        async with cond:
+            cond.notify_all()
+
+    async def register(
+        self,
+        info: EngineInfo,
+        handle: Any,
+        capacity: int | None = None,
+        eval_quota: int | None = None,
+        group: int = 0,
+    ) -> None:
+        """Add (or replace) an engine; it becomes routable at once."""
+        slot = EngineSlot(
+            engine_id=info.engine_id,
+            capacity=capacity or self.config.max_requests_per_engine,
+            eval_quota=self.config.eval_requests_per_engine if eval_quota is None else eval_quota,
+        )
+        old = self._engines.get(info.engine_id)
+        if old is not None:  # keep counts of leases still out on it
+            slot.train_in_flight = old.slot.train_in_flight
+            slot.eval_in_flight = old.slot.eval_in_flight
+        self._engines[info.engine_id] = _Engine(slot=slot, handle=handle, info=info, group=group)
+        logger.info("router: engine %s registered (%s, %s)", info.engine_id, info.backend, info.model)
+        await self._notify()
+
+    async def deregister(self, engine_id: str) -> None:
+        self._engines.pop(engine_id, None)
+        await self._notify()
+
+    def engines(self) -> dict[str, Any]:
+        """engine_id -> actor handle."""
+        return {eid: e.handle for eid, e in self._engines.items()}
+
+    def engine_groups(self) -> dict[str, int]:
+        """engine_id -> index of its group in PoolConfig.engines."""
+        return {eid: e.group for eid, e in self._engines.items()}
+
+    def engine_infos(self) -> list[EngineInfo]:
+        return [e.info for e in self._engines.values()]
+
+    def get_pool_config(self) -> PoolConfig | None:
+        return self.pool_config
+
+    # -- leases -----------------------------------------------------------------------
+    def _try_reserve(self, request: RouteRequest) -> Lease | None:
+        slots = [e.slot for e in self._engines.values()]
+        choice = self.policy.choose(slots, request)
+        if choice is None:
+            return None
+        choice.reserve(request.split)
+        self.policy.on_served(choice.engine_id, request)
+        self.decisions += 1
+        lease = Lease(
+            lease_id=next(self._ids),
+            engine_id=choice.engine_id,
+            split=request.split,
+            deadline=time.monotonic() + self.config.lease_timeout_s,
+        )
+        self._leases[lease.lease_id] = lease
+        return lease
+
+    def _no_slot_error(self, request: RouteRequest, waited: float) -> Exception:
+        healthy = [
+            e for e in self._engines.values() if e.slot.healthy and e.slot.engine_id not in request.exclude
+        ]
+        if not healthy:
+            states = ", ".join(
+                f"{eid}: {'excluded' if eid in request.exclude else e.last_error or 'unhealthy'}"
+                for eid, e in self._engines.items()
+            ) or "no engines registered"
+            return NoHealthyEngineError(
+                f"no healthy engine after waiting {waited:.1f}s ({states})"
+            )
+        return EngineOverloadedError(
+            f"all {len(healthy)} healthy engines stayed at capacity for {request.split!r} requests "
+            f"for {waited:.1f}s (RouterConfig.acquire_timeout_s)"
+        )
+
+    async def acquire(
+        self,
+        split: Split = "train",
+        session_id: str | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        exclude: Sequence[str] = (),
+        timeout_s: float | None = None,
+    ) -> Lease:
+        """Reserve a slot on the engine the policy picks; wait (bounded) for one."""
+        leases = await self.acquire_many(1, split, session_id, prompt_token_ids, exclude, timeout_s)
+        return leases[0]
+
+    async def acquire_many(
+        self,
+        count: int,
+        split: Split = "train",
+        session_id: str | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        exclude: Sequence[str] = (),
+        timeout_s: float | None = None,
+    ) -> list[Lease]:
+        """Reserve up to ``count`` slots (at least one), spread by the policy."""
+        if split not in ("train", "eval"):
+            raise RequestError(f"split: must be 'train' or 'eval', got {split!r}", field="split")
+        if count < 1:
+            raise RequestError(f"count: must be >= 1, got {count}", field="count")
+        request = RouteRequest(split, session_id, prompt_token_ids, frozenset(exclude))
+        timeout = self.config.acquire_timeout_s if timeout_s is None else timeout_s
+        start = time.monotonic()
+        cond = self._cond()
+        while True:
+            leases: list[Lease] = []
+            while len(leases) < count:
+                lease = self._try_reserve(request)
+                if lease is None:
+                    break
+                leases.append(lease)
+            if leases:
+                return leases
+            if self._engines and all(eid in request.exclude for eid in self._engines):
+                raise self._no_slot_error(request, time.monotonic() - start)  # waiting cannot help
+            remaining = timeout - (time.monotonic() - start)
+            if remaining <= 0:
+                raise self._no_slot_error(request, time.monotonic() - start)
+            async with cond:
+                try:
+                    await asyncio.wait_for(cond.wait(), timeout=min(remaining, 1.0))
+                except asyncio.TimeoutError:
+                    pass
+
+    def _release_one(self, lease_id: int) -> bool:
+        lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return False  # already released (idempotent)
+        engine = self._engines.get(lease.engine_id)
+        if engine is not None:
+            engine.slot.release(lease.split)
+        return True
+
+    async def release(self, lease_id: int) -> None:
+        if self._release_one(lease_id):
+            await self._notify()
+
+    async def release_many(self, lease_ids: Sequence[int]) -> None:
+        if any([self._release_one(lid) for lid in lease_ids]):
+            await self._notify()
+
+    async def report_failure(self, engine_id: str, error: str) -> None:
+        """A caller saw this engine die or hang: stop routing to it until a probe passes."""
+        engine = self._engines.get(engine_id)
+        if engine is not None and engine.slot.healthy:
+            logger.warning("router: engine %s marked unhealthy: %s", engine_id, error)
+            engine.slot.healthy = False
+            engine.last_error = error
+            await self._notify()
+
+    # -- health -----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the background health checks (idempotent)."""
+        if self._health_task is None or self._health_task.done():
+            self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+
+    async def _probe(self, engine_id: str, engine: _Engine) -> None:
+        try:
+            await asyncio.wait_for(_as_future(engine.handle.health.remote()), self.config.health_timeout_s)
+        except Exception as exc:  # any failure of the probe counts against the engine
+            engine.failures += 1
+            engine.last_error = f"health check failed: {type(exc).__name__}: {exc}"[:300]
+            if engine.slot.healthy and engine.failures >= self.config.unhealthy_after:
+                logger.warning("router: engine %s unhealthy: %s", engine_id, engine.last_error)
+                engine.slot.healthy = False
+                await self._notify()
+            return
+        engine.failures = 0
+        if not engine.slot.healthy:
+            logger.info("router: engine %s healthy again", engine_id)
+            engine.slot.healthy = True
+            engine.last_error = ""
+            await self._notify()
+
+    async def check_health(self) -> dict[str, bool]:
+        """Probe every engine once now; returns engine_id -> healthy."""
+        await asyncio.gather(*(self._probe(eid, e) for eid, e in list(self._engines.items())))
+        return {eid: e.slot.healthy for eid, e in self._engines.items()}
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            try:
+                await self.check_health()
+                self._reap_expired_leases()
+            except Exception:  # the loop must survive anything a probe does
+                logger.exception("router: health loop iteration failed")
+
+    def _reap_expired_leases(self) -> None:
+        now = time.monotonic()
+        expired = [lid for lid, lease in self._leases.items() if lease.deadline < now]
+        for lid in expired:
+            logger.warning("router: reclaiming lease %s (not released in time)", lid)
+            self._release_one(lid)
+
+    # -- views ------------------------------------------------------------------------
+    def load(self) -> dict[str, dict[str, Any]]:
+        """Per-engine router view: healthy, in flight per split, capacity, leases."""
+        return {
+            eid: {
+                "healthy": e.slot.healthy,
+                "train_in_flight": e.slot.train_in_flight,
+                "eval_in_flight": e.slot.eval_in_flight,
+                "capacity": e.slot.capacity,
+                "eval_quota": e.slot.eval_quota,
+                "weight": e.slot.weight,
+                "last_error": e.last_error,
+            }
+            for eid, e in self._engines.items()
+        }
+
+    def num_leases(self) -> int:
+        return len(self._leases)
+
+    async def shutdown(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+
+
+def _as_future(ref: Any) -> Any:
+    """An ObjectRef as an asyncio future (so wait_for can cancel the wait)."""
+    if isinstance(ref, ray.ObjectRef):
+        return asyncio.wrap_future(ref.future())
+    return ref
+
+
+RouterActor = ray.remote(num_cpus=0, max_restarts=0)(Router)

@@ -1,0 +1,136 @@
+"""The router class without Ray: leases, atomic reservation, bounded waits, health.
+
+Run: pytest tests/unit/test_router.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from inferpool.config import RouterConfig
+from inferpool.errors import EngineOverloadedError, NoHealthyEngineError
+from inferpool.routing.router import Router
+from inferpool.types import EngineInfo
+
+
+class _Method:
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def remote(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+class FakeHandle:
+    """Stands in for an engine actor handle: ``health.remote()`` returns a coroutine."""
+
+    def __init__(self) -> None:
+        self.alive = True
+        self.health = _Method(self._health)
+
+    async def _health(self) -> bool:
+        if not self.alive:
+            raise RuntimeError("engine died")
+        return True
+
+
+def info(eid: str) -> EngineInfo:
+    return EngineInfo(engine_id=eid, backend="fake", model="m", vocab_size=10, max_model_len=100)
+
+
+async def make_router(n: int = 2, **cfg: Any) -> tuple[Router, dict[str, FakeHandle]]:
+    config = RouterConfig(max_requests_per_engine=4, eval_requests_per_engine=1, acquire_timeout_s=0.3, **cfg)
+    router = Router(config)
+    handles = {f"e{i}": FakeHandle() for i in range(n)}
+    for eid, h in handles.items():
+        await router.register(info(eid), h)
+    return router, handles
+
+
+async def test_acquire_reserves_and_release_frees() -> None:
+    router, _ = await make_router(1)
+    leases = [await router.acquire() for _ in range(3)]  # 4 - 1 eval = 3 train slots
+    assert router.load()["e0"]["train_in_flight"] == 3
+    with pytest.raises(EngineOverloadedError, match="capacity"):
+        await router.acquire()
+    await router.release(leases[0].lease_id)
+    await router.release(leases[0].lease_id)  # idempotent
+    assert router.load()["e0"]["train_in_flight"] == 2
+    assert router.num_leases() == 2
+
+
+async def test_concurrent_acquires_never_oversubscribe() -> None:
+    router, _ = await make_router(2)
+    results = await asyncio.gather(
+        *(router.acquire(timeout_s=0.2) for _ in range(10)), return_exceptions=True
+    )
+    ok = [r for r in results if not isinstance(r, Exception)]
+    assert len(ok) == 6
+    load = router.load()
+    assert all(v["train_in_flight"] == 3 for v in load.values())
+
+
+async def test_waiter_gets_slot_when_released() -> None:
+    router, _ = await make_router(1)
+    leases = [await router.acquire() for _ in range(3)]
+    waiter = asyncio.create_task(router.acquire(timeout_s=5))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    await router.release(leases[1].lease_id)
+    lease = await asyncio.wait_for(waiter, 5)
+    assert lease.engine_id == "e0"
+
+
+async def test_eval_has_its_own_quota_when_train_is_full() -> None:
+    router, _ = await make_router(1)
+    for _ in range(3):
+        await router.acquire("train")
+    lease = await router.acquire("eval")
+    assert lease.split == "eval"
+    with pytest.raises(EngineOverloadedError):
+        await router.acquire("eval")
+
+
+async def test_acquire_many_spreads_and_caps() -> None:
+    router, _ = await make_router(2)
+    leases = await router.acquire_many(10)
+    assert len(leases) == 6
+    assert {lease.engine_id for lease in leases} == {"e0", "e1"}
+
+
+async def test_unhealthy_engine_is_skipped_then_reprobed() -> None:
+    router, handles = await make_router(2)
+    handles["e1"].alive = False
+    assert await router.check_health() == {"e0": True, "e1": False}
+    for _ in range(3):
+        assert (await router.acquire()).engine_id == "e0"
+    handles["e1"].alive = True
+    assert await router.check_health() == {"e0": True, "e1": True}
+    assert (await router.acquire()).engine_id == "e1"
+
+
+async def test_no_healthy_engine_is_a_clear_error_after_bounded_wait() -> None:
+    router, handles = await make_router(1)
+    handles["e0"].alive = False
+    await router.check_health()
+    with pytest.raises(NoHealthyEngineError, match="no healthy engine"):
+        await router.acquire(timeout_s=0.1)
+
+
+async def test_report_failure_opens_circuit() -> None:
+    router, _ = await make_router(2)
+    await router.report_failure("e0", "died")
+    for _ in range(3):
+        assert (await router.acquire()).engine_id == "e1"
+
+
+async def test_expired_leases_are_reclaimed() -> None:
+    router, _ = await make_router(1)
+    lease = await router.acquire()
+    router._leases[lease.lease_id].deadline = 0.0  # as if lease_timeout_s had passed
+    router._reap_expired_leases()
+    assert router.num_leases() == 0
+    assert router.load()["e0"]["train_in_flight"] == 0
