@@ -49,8 +49,8 @@ class EngineSlot:
             return self.limit("eval") - self.eval_in_flight
         if split == "eval":  # no reservation: eval shares the train slots
             return self.limit("train") - self.in_flight
-        return self.limit("train") - self.train_in_flight - (
-            self.eval_in_flight if self.eval_quota == 0 else 0
+        return (
+            self.limit("train") - self.train_in_flight - (self.eval_in_flight if self.eval_quota == 0 else 0)
         )
 
     def reserve(self, split: Split, count: int = 1) -> None:
@@ -91,9 +91,7 @@ class Policy(Protocol):
 def candidates(engines: Sequence[EngineSlot], request: RouteRequest) -> list[EngineSlot]:
     """Healthy, not excluded engines with a free slot for the request's split."""
     return [
-        e
-        for e in engines
-        if e.healthy and e.engine_id not in request.exclude and e.free(request.split) > 0
+        e for e in engines if e.healthy and e.engine_id not in request.exclude and e.free(request.split) > 0
     ]
 
 
