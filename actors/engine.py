@@ -28,9 +28,7 @@ logger = logging.getLogger(__name__)
 class EngineActor:
     """One engine replica: generate, health, stats, abort and lifecycle calls."""
 
-    def __init__(
-        self, config: EngineConfig, engine_id: str, backend: EngineBackend | None = None
-    ) -> None:
+    def __init__(self, config: EngineConfig, engine_id: str, backend: EngineBackend | None = None) -> None:
         setup_logging()
         self.config = config
         self.engine_id = engine_id
@@ -86,9 +84,7 @@ class EngineActor:
         self._stats.generated_tokens += result.num_generated_tokens
         return result
 
-    async def generate_batch(
-        self, requests: list[GenerateRequest]
-    ) -> list[GenerateResult | InferpoolError]:
+    async def generate_batch(self, requests: list[GenerateRequest]) -> list[GenerateResult | InferpoolError]:
         """Serve many requests with one actor call; a failed request yields its error in place."""
         outcomes = await asyncio.gather(*(self.generate(r) for r in requests), return_exceptions=True)
         results: list[GenerateResult | InferpoolError] = []
@@ -145,7 +141,7 @@ class EngineActor:
 
     async def control(self, method: str, kwargs: dict[str, Any] | None = None) -> Any:
         """Call a backend-specific control method it declares (e.g. the fake's inject_fault)."""
-        allowed = getattr(self.backend, "control_methods", frozenset())
+        allowed: frozenset[str] = getattr(self.backend, "control_methods", frozenset())
         if method not in allowed:
             raise RequestError(
                 f"method: backend {self.config.backend!r} has no control method {method!r} "

@@ -112,7 +112,9 @@ class RouterConfig(ConfigModel):
     )
     health_interval_s: float = Field(5.0, gt=0, description="Seconds between health checks of each engine.")
     health_timeout_s: float = Field(10.0, gt=0, description="A health check slower than this fails.")
-    unhealthy_after: int = Field(1, ge=1, description="Consecutive failed checks that mark an engine unhealthy.")
+    unhealthy_after: int = Field(
+        1, ge=1, description="Consecutive failed checks that mark an engine unhealthy."
+    )
     max_attempts: int = Field(
         3, ge=1, description="Total attempts per request across engines for retryable faults."
     )
@@ -144,9 +146,7 @@ class PoolConfig(ConfigModel):
     router: RouterConfig = Field(default_factory=RouterConfig, description="Router settings.")
     sessions: SessionConfig = Field(default_factory=SessionConfig, description="Session settings.")
     namespace: str = Field("inferpool", description="Ray namespace of the pool's named actors.")
-    detached: bool = Field(
-        False, description="Keep the pool's actors alive after the starting driver exits."
-    )
+    detached: bool = Field(False, description="Keep the pool's actors alive after the starting driver exits.")
     start_timeout_s: float = Field(900.0, gt=0, description="How long Pool.start waits for all engines.")
 
     @field_validator("engines")

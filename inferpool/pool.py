@@ -116,7 +116,7 @@ class Pool:
         pool = cls(config, router, [])
         try:
             get_ref(router.start.remote(), _CONTROL_TIMEOUT_S, "router start")
-            specs = []
+            specs: list[tuple[str, int]] = []
             for g, group in enumerate(config.engines):
                 specs.extend((f"e{len(specs)}", g) for _ in range(group.replicas))
             pool._start_engines(specs)
@@ -169,7 +169,8 @@ class Pool:
                 )
                 get_ref(pg.ready(), group.start_timeout_s, f"placement group for engine {engine_id}")
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=0,
+                    placement_group=pg,
+                    placement_group_bundle_index=0,
                     placement_group_capture_child_tasks=True,
                 )
             handle = actor_cls.options(**options).remote(group, engine_id)
@@ -310,15 +311,17 @@ class Pool:
             try:
                 handle = await self._handle(lease.engine_id)
                 timeout = timeout_s or self._timeout(lease.engine_id)
-                return await await_ref(
-                    handle.generate.remote(request), timeout, f"engine {lease.engine_id}"
-                )
+                return await await_ref(handle.generate.remote(request), timeout, f"engine {lease.engine_id}")
             except InferpoolError as exc:
                 if not exc.retryable or attempt == attempts:
                     raise
                 logger.warning(
                     "request %s failed on engine %s (attempt %d/%d): %s; retrying elsewhere",
-                    request.request_id, lease.engine_id, attempt, attempts, exc,
+                    request.request_id,
+                    lease.engine_id,
+                    attempt,
+                    attempts,
+                    exc,
                 )
                 self._router.report_failure.remote(lease.engine_id, str(exc))
                 exclude.append(lease.engine_id)
@@ -356,7 +359,9 @@ class Pool:
         sp = self._sampling(sampling)
         split = self._split(split)
         if sp.n > self.config.router.max_n_per_request:
-            return list(await asyncio.gather(*(self.generate(p, sp, split, None, timeout_s) for p in prompts)))
+            return list(
+                await asyncio.gather(*(self.generate(p, sp, split, None, timeout_s) for p in prompts))
+            )
         checked = [await self._validate_prompt(p, sp) for p in prompts]
         requests = [
             GenerateRequest(request_id=self._request_id(), prompt_token_ids=ids, sampling=sp, split=split)
@@ -380,9 +385,11 @@ class Pool:
                     for start in range(0, len(group), chunk_size):
                         chunk = group[start : start + chunk_size]
                         idx = [pending.pop() for _ in chunk]
-                        tasks.append(asyncio.ensure_future(
-                            self._run_chunk(engine_id, chunk, idx, requests, results, timeout_s)
-                        ))
+                        tasks.append(
+                            asyncio.ensure_future(
+                                self._run_chunk(engine_id, chunk, idx, requests, results, timeout_s)
+                            )
+                        )
             await asyncio.gather(*tasks)
         except BaseException:
             for t in tasks:

@@ -33,7 +33,9 @@ class SamplingParams(RequestModel):
     stop_token_ids: list[int] = Field(default_factory=list, description="Token ids that end a choice.")
     ignore_eos: bool = Field(False, description="Keep sampling past EOS (benchmarks).")
     logprobs: int = Field(
-        0, ge=0, le=20,
+        0,
+        ge=0,
+        le=20,
         description="Top-k alternatives per sampled position to report besides the sampled token's own "
         "logprob (which is always returned).",
     )

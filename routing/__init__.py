@@ -5,8 +5,8 @@ from inferpool.routing.router import Lease, Router, RouterActor
 
 __all__ = [
     "EngineSlot",
-    "LeastLoaded",
     "Lease",
+    "LeastLoaded",
     "Policy",
     "RouteRequest",
     "Router",

@@ -137,13 +137,14 @@ class Router:
             e for e in self._engines.values() if e.slot.healthy and e.slot.engine_id not in request.exclude
         ]
         if not healthy:
-            states = ", ".join(
-                f"{eid}: {'excluded' if eid in request.exclude else e.last_error or 'unhealthy'}"
-                for eid, e in self._engines.items()
-            ) or "no engines registered"
-            return NoHealthyEngineError(
-                f"no healthy engine after waiting {waited:.1f}s ({states})"
+            states = (
+                ", ".join(
+                    f"{eid}: {'excluded' if eid in request.exclude else e.last_error or 'unhealthy'}"
+                    for eid, e in self._engines.items()
+                )
+                or "no engines registered"
             )
+            return NoHealthyEngineError(f"no healthy engine after waiting {waited:.1f}s ({states})")
         return EngineOverloadedError(
             f"all {len(healthy)} healthy engines stayed at capacity for {request.split!r} requests "
             f"for {waited:.1f}s (RouterConfig.acquire_timeout_s)"

@@ -29,8 +29,7 @@ def create_backend(config: EngineConfig, engine_id: str) -> EngineBackend:
         module_name, attr = _REGISTRY[config.backend]
     except KeyError:
         raise ConfigError(
-            f"EngineConfig.backend: no backend {config.backend!r} is available "
-            f"(known: {sorted(_REGISTRY)})",
+            f"EngineConfig.backend: no backend {config.backend!r} is available (known: {sorted(_REGISTRY)})",
             field="backend",
         ) from None
     factory = getattr(importlib.import_module(module_name), attr)

@@ -54,9 +54,7 @@ class FakeEngineOptions(ConfigModel):
 
 
 def _token_rng(seed: int, prompt: list[int], index: int) -> random.Random:
-    digest = hashlib.blake2b(
-        f"{seed}:{index}:{len(prompt)}:{prompt[-64:]}".encode(), digest_size=8
-    ).digest()
+    digest = hashlib.blake2b(f"{seed}:{index}:{len(prompt)}:{prompt[-64:]}".encode(), digest_size=8).digest()
     return random.Random(int.from_bytes(digest, "little"))
 
 
@@ -153,8 +151,13 @@ class FakeBackend(BaseBackend):
             if self._pause_mode == "abort" or request.request_id in self._aborted:
                 self._aborted.discard(request.request_id)
                 choices = [
-                    Choice(index=request.choice_offset + i, token_ids=[], logprobs=[],
-                           finish_reason="abort", weight_version=self.weight_version)
+                    Choice(
+                        index=request.choice_offset + i,
+                        token_ids=[],
+                        logprobs=[],
+                        finish_reason="abort",
+                        weight_version=self.weight_version,
+                    )
                     for i in range(self._num_choices(request))
                 ]
             else:

@@ -55,7 +55,9 @@ def to_vllm_sampling(sp: SamplingParams, seed_offset: int = 0) -> Any:
     )
 
 
-def sampled_logprobs(token_ids: list[int], logprobs: Any, top_k: int) -> tuple[list[float], list[dict[int, float]] | None]:
+def sampled_logprobs(
+    token_ids: list[int], logprobs: Any, top_k: int
+) -> tuple[list[float], list[dict[int, float]] | None]:
     """The logprob of each sampled token (and the top-k alternatives when asked for)."""
     if logprobs is None:
         raise BackendError("vLLM returned no logprobs although they were requested")
@@ -104,8 +106,9 @@ class VLLMBackend(BaseBackend):
         try:
             return AsyncEngineArgs(**kwargs)
         except TypeError as exc:
-            raise ConfigError(f"EngineConfig.engine_kwargs: not accepted by vLLM: {exc}",
-                              field="engine_kwargs") from exc
+            raise ConfigError(
+                f"EngineConfig.engine_kwargs: not accepted by vLLM: {exc}", field="engine_kwargs"
+            ) from exc
 
     async def start(self) -> EngineInfo:
         from vllm.v1.engine.async_llm import AsyncLLM

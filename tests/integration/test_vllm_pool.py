@@ -1,0 +1,106 @@
+"""The pool on two real vLLM CPU engines serving the tiny model.
+
+Run: pytest tests/integration/test_vllm_pool.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import ray
+
+import inferpool as ip
+
+pytestmark = pytest.mark.integration
+
+
+def prompt(tokenizer: object, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    return list(ids)
+
+
+async def test_generate_returns_requested_choices(vllm_pool: ip.Pool, tokenizer: object) -> None:
+    ids = prompt(tokenizer, "Say something.")
+    res = await vllm_pool.generate(ids, ip.SamplingParams(n=3, max_tokens=12, seed=1))
+    assert res.prompt_token_ids == ids
+    assert len(res.choices) == 3
+    assert [c.index for c in res.choices] == [0, 1, 2]
+    for c in res.choices:
+        assert 1 <= len(c.token_ids) <= 12
+        assert len(c.logprobs) == len(c.token_ids)
+        assert all(math.isfinite(lp) and lp <= 0 for lp in c.logprobs)
+        assert c.finish_reason in ("stop", "length")
+        text = tokenizer.decode(c.token_ids)  # type: ignore[attr-defined]
+        assert isinstance(text, str)
+    assert res.engine_id in vllm_pool.engine_ids()
+
+
+async def test_fixed_seed_is_reproducible(vllm_pool: ip.Pool, tokenizer: object) -> None:
+    ids = prompt(tokenizer, "Count to three.")
+    sp = ip.SamplingParams(n=2, max_tokens=16, seed=1234, temperature=1.0)
+    a = await vllm_pool.generate(ids, sp)
+    b = await vllm_pool.generate(ids, sp)
+    assert [c.token_ids for c in a.choices] == [c.token_ids for c in b.choices]
+    for ca, cb in zip(a.choices, b.choices, strict=True):
+        assert ca.logprobs == pytest.approx(cb.logprobs, abs=1e-4)
+
+
+async def test_n_above_cap_is_split_across_sub_requests(vllm_pool: ip.Pool, tokenizer: object) -> None:
+    ids = prompt(tokenizer, "Hello")
+    res = await vllm_pool.generate(ids, ip.SamplingParams(n=10, max_tokens=4, seed=7))
+    assert [c.index for c in res.choices] == list(range(10))
+    assert len(res.engine_ids) == 2
+
+
+async def test_two_engines_both_receive_load(vllm_pool: ip.Pool, tokenizer: object) -> None:
+    ids = prompt(tokenizer, "Load")
+    results = await asyncio.gather(
+        *(vllm_pool.generate(ids, ip.SamplingParams(max_tokens=4)) for _ in range(16))
+    )
+    assert {r.engine_id for r in results} == set(vllm_pool.engine_ids())
+    stats = vllm_pool.stats()["engines"]
+    assert all(e["served"] > 0 for e in stats.values())
+
+
+async def test_generate_batch(vllm_pool: ip.Pool, tokenizer: object) -> None:
+    prompts = [prompt(tokenizer, f"Item {i}") for i in range(24)]
+    results = await vllm_pool.generate_batch(prompts, ip.SamplingParams(max_tokens=6, seed=3))
+    assert [r.prompt_token_ids for r in results] == prompts
+    assert all(len(r.choices[0].token_ids) >= 1 for r in results)
+
+
+async def test_stop_token_and_greedy(vllm_pool: ip.Pool, tokenizer: object) -> None:
+    ids = prompt(tokenizer, "Greedy please")
+    greedy = ip.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    a = await vllm_pool.generate(ids, greedy)
+    stop_at = a.choices[0].token_ids[2]
+    b = await vllm_pool.generate(ids, greedy.model_copy(update={"stop_token_ids": [stop_at]}))
+    cut = a.choices[0].token_ids.index(stop_at) + 1
+    assert b.choices[0].token_ids == a.choices[0].token_ids[:cut]
+    assert b.choices[0].finish_reason == "stop"
+
+
+async def test_out_of_vocab_and_too_long_prompts_are_rejected(vllm_pool: ip.Pool) -> None:
+    info = vllm_pool.engine_infos()[0]
+    with pytest.raises(ip.RequestError, match="vocabulary"):
+        await vllm_pool.generate([1, info.vocab_size + 5])
+    with pytest.raises(ip.RequestError, match="context"):
+        await vllm_pool.generate([1] * info.max_model_len)
+
+
+def test_connect_from_a_ray_task(vllm_pool: ip.Pool, tokenizer: object) -> None:
+    ids = prompt(tokenizer, "From a task")
+
+    @ray.remote(num_cpus=0)
+    def worker(name: str, namespace: str, ids: list[int]) -> tuple[list[int], str]:
+        pool = ip.Pool.connect(name, namespace=namespace)
+        res = asyncio.run(pool.generate(ids, ip.SamplingParams(max_tokens=5, seed=2)))
+        return res.choices[0].token_ids, res.engine_id
+
+    tokens, engine = ray.get(worker.remote(vllm_pool.name, vllm_pool.namespace, ids), timeout=120)
+    assert 1 <= len(tokens) <= 5
+    assert engine in vllm_pool.engine_ids()
