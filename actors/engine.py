@@ -20,7 +20,7 @@ from inferpool.actors.backends.base import EngineBackend, PauseMode
 from inferpool.config import EngineConfig
 from inferpool.errors import BackendError, EngineError, InferpoolError, RequestError
 from inferpool.log import setup_logging
-from inferpool.types import EngineInfo, EngineStats, GenerateRequest, GenerateResult
+from inferpool.types import EngineInfo, EngineStats, GenerateRequest, GenerateResult, PromptLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,27 @@ class EngineActor:
             elif isinstance(out, BaseException):
                 results.append(BackendError(f"engine {self.engine_id}: {type(out).__name__}: {out}"))
         return results
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Text-level OpenAI chat call (text-only backends such as hosted APIs)."""
+        return await self._call("chat", self.backend.chat(body))
+
+    async def completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Text-level OpenAI completion call (text-only backends)."""
+        return await self._call("completion", self.backend.completion(body))
+
+    async def prompt_logprobs(self, prompt_token_ids: list[int], top_k: int) -> PromptLogprobs:
+        """Top-k logprobs at every prompt position."""
+        return await self._call("prompt_logprobs", self.backend.prompt_logprobs(prompt_token_ids, top_k))
+
+    async def _call(self, what: str, coro: Any) -> Any:
+        """Await a backend call; errors leave as inferpool errors."""
+        try:
+            return await coro
+        except InferpoolError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"engine {self.engine_id} {what} failed: {type(exc).__name__}: {exc}") from exc
 
     async def abort(self, request_id: str) -> bool:
         """Abort one in-flight request; it ends with finish reason 'abort'."""

@@ -15,7 +15,11 @@ from inferpool.errors import (
     SessionExpiredError,
     SessionNotFoundError,
 )
+from inferpool.openai_types import ChatCompletion, Completion
 from inferpool.pool import Pool
+from inferpool.reasoning import ReasoningConfig
+from inferpool.sequences import SequenceNode, SessionState
+from inferpool.session import Session
 from inferpool.types import (
     Choice,
     EngineInfo,
@@ -37,7 +41,9 @@ def tiny_model(*args: object, **kwargs: object) -> str:
 
 __all__ = [
     "BackendError",
+    "ChatCompletion",
     "Choice",
+    "Completion",
     "ConfigError",
     "EngineConfig",
     "EngineDeadError",
@@ -52,13 +58,17 @@ __all__ = [
     "NoHealthyEngineError",
     "Pool",
     "PoolConfig",
+    "ReasoningConfig",
     "RequestError",
     "RouterConfig",
     "SamplingParams",
+    "SequenceNode",
+    "Session",
     "SessionConfig",
     "SessionError",
     "SessionExpiredError",
     "SessionNotFoundError",
+    "SessionState",
     "__version__",
     "tiny_model",
 ]

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from inferpool._model import ConfigModel
+from inferpool.reasoning.config import ReasoningConfig
 
 Backend = Literal["vllm", "sglang", "fake", "openai", "vllm_http", "sglang_http", "trl_http"]
 LOCAL_BACKENDS = ("vllm", "sglang", "fake")
@@ -26,6 +27,11 @@ class EngineConfig(ConfigModel):
         None,
         description="Hugging Face id or local path. None: the embedded tiny model (ip.tiny_model()).",
     )
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer (HF id or path) used to render chat for this pool. None: the model's; "
+        "the fake engine has none unless set here.",
+    )
     replicas: int = Field(1, ge=1, description="How many engine actors of this kind to start.")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per engine (fractional for colocation).")
     num_cpus: float | None = Field(
@@ -43,9 +49,7 @@ class EngineConfig(ConfigModel):
         description="vLLM: run the engine core in its own process. None: on with a GPU, off on CPU "
         "(in-process starts faster on small CPU machines).",
     )
-    dtype: str | None = Field(
-        None, description="Model dtype. None: float32 on CPU (exact logprobs), 'auto' on GPU."
-    )
+    dtype: str | None = Field(None, description="Model dtype. None: float32 on CPU (exact logprobs), 'auto' on GPU.")
     seed: int = Field(0, description="Engine seed (vLLM's global seed, the fake engine's RNG seed).")
     max_requests_per_engine: int | None = Field(
         None, ge=1, description="Capacity override for these engines; None: RouterConfig's value."
@@ -112,12 +116,8 @@ class RouterConfig(ConfigModel):
     )
     health_interval_s: float = Field(5.0, gt=0, description="Seconds between health checks of each engine.")
     health_timeout_s: float = Field(10.0, gt=0, description="A health check slower than this fails.")
-    unhealthy_after: int = Field(
-        1, ge=1, description="Consecutive failed checks that mark an engine unhealthy."
-    )
-    max_attempts: int = Field(
-        3, ge=1, description="Total attempts per request across engines for retryable faults."
-    )
+    unhealthy_after: int = Field(1, ge=1, description="Consecutive failed checks that mark an engine unhealthy.")
+    max_attempts: int = Field(3, ge=1, description="Total attempts per request across engines for retryable faults.")
     max_staleness: int | None = Field(
         None, ge=0, description="Reject session turns whose earliest tokens are this many versions old."
     )
@@ -145,6 +145,9 @@ class PoolConfig(ConfigModel):
     )
     router: RouterConfig = Field(default_factory=RouterConfig, description="Router settings.")
     sessions: SessionConfig = Field(default_factory=SessionConfig, description="Session settings.")
+    reasoning: ReasoningConfig | None = Field(
+        None, description="Default reasoning settings for chat calls (a call's own reasoning= wins)."
+    )
     namespace: str = Field("inferpool", description="Ray namespace of the pool's named actors.")
     detached: bool = Field(False, description="Keep the pool's actors alive after the starting driver exits.")
     start_timeout_s: float = Field(900.0, gt=0, description="How long Pool.start waits for all engines.")

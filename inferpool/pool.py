@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import logging
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.util.placement_group import (
@@ -28,6 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from inferpool._ray import await_ref, ensure_ray, get_ref
 from inferpool.actors.engine import engine_actor_class, engine_actor_options
+from inferpool.chat import ChatRenderer
 from inferpool.config import EngineConfig, PoolConfig
 from inferpool.errors import (
     ConfigError,
@@ -37,12 +39,18 @@ from inferpool.errors import (
     RequestError,
 )
 from inferpool.log import setup_logging
+from inferpool.openai_types import ChatCompletion, Completion
+from inferpool.reasoning import ReasoningConfig, strip_control_fields
 from inferpool.routing.router import Lease, RouterActor
-from inferpool.types import EngineInfo, GenerateRequest, GenerateResult, SamplingParams, Split
+from inferpool.types import EngineInfo, GenerateRequest, GenerateResult, PromptLogprobs, SamplingParams, Split
+
+if TYPE_CHECKING:
+    from inferpool.session import Session
 
 logger = logging.getLogger(__name__)
 
 _CONTROL_TIMEOUT_S = 60.0
+_RENDERER_LOCK = threading.Lock()  # transformers' lazy imports are not thread-safe
 
 
 def _router_name(name: str) -> str:
@@ -80,13 +88,17 @@ def merge_results(request_id: str, parts: Sequence[GenerateResult]) -> GenerateR
 class Pool:
     """A pool of engine actors behind one router. Create with :meth:`start` or :meth:`connect`."""
 
-    def __init__(self, config: PoolConfig, router: Any, infos: list[EngineInfo]) -> None:
+    def __init__(
+        self, config: PoolConfig, router: Any, infos: list[EngineInfo], stores: list[Any] | None = None
+    ) -> None:
         self.config = config
         self.name = config.name
         self.namespace = config.namespace
         self._router = router
         self._handles: dict[str, Any] = {}
         self._infos = {i.engine_id: i for i in infos}
+        self._stores: list[Any] = list(stores or [])
+        self._renderer: ChatRenderer | None = None
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
 
@@ -120,6 +132,7 @@ class Pool:
             for g, group in enumerate(config.engines):
                 specs.extend((f"e{len(specs)}", g) for _ in range(group.replicas))
             pool._start_engines(specs)
+            pool._start_stores()
         except BaseException:
             pool.shutdown()
             raise
@@ -135,20 +148,33 @@ class Pool:
         try:
             router = ray.get_actor(_router_name(name), namespace=namespace)
         except ValueError:
-            raise ConfigError(
-                f"name: no pool named {name!r} in namespace {namespace!r}", field="name"
-            ) from None
+            raise ConfigError(f"name: no pool named {name!r} in namespace {namespace!r}", field="name") from None
         config = get_ref(router.get_pool_config.remote(), timeout_s, "router")
         infos = get_ref(router.engine_infos.remote(), timeout_s, "router")
-        return cls(config, router, infos)
+        stores = get_ref(router.stores.remote(), timeout_s, "router")
+        return cls(config, router, infos, stores)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # A pool passed to a Ray task reconnects by name there.
-        return (Pool._from_parts, (self.config, self._router, list(self._infos.values())))
+        # A pool passed to a Ray task arrives there connected to the same actors.
+        return (Pool, (self.config, self._router, list(self._infos.values()), self._stores))
 
-    @classmethod
-    def _from_parts(cls, config: PoolConfig, router: Any, infos: list[EngineInfo]) -> Pool:
-        return cls(config, router, infos)
+    def _start_stores(self) -> None:
+        """Start the SessionStore shards (no CPUs reserved) and tell the router about them."""
+        from inferpool.actors.session_store import SessionStoreActor
+
+        stores = [
+            SessionStoreActor.options(
+                name=f"{self.name}:sessions:{i}",
+                namespace=self.namespace,
+                lifetime="detached" if self.config.detached else None,
+                max_concurrency=100_000,
+            ).remote(self.config, self._router, i)
+            for i in range(self.config.sessions.shards)
+        ]
+        for store in stores:
+            get_ref(store.start.remote(), _CONTROL_TIMEOUT_S, "session store start")
+        get_ref(self._router.set_stores.remote(stores), _CONTROL_TIMEOUT_S, "router")
+        self._stores = stores
 
     def _start_engines(self, specs: list[tuple[str, int]]) -> None:
         """Create, start and register engines (in parallel, bounded by start timeouts)."""
@@ -224,8 +250,7 @@ class Pool:
         for pos, tok in enumerate(ids):
             if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vocab:
                 raise RequestError(
-                    f"prompt_token_ids[{pos}]: {tok!r} is not a token id of this model's "
-                    f"vocabulary [0, {vocab})",
+                    f"prompt_token_ids[{pos}]: {tok!r} is not a token id of this model's vocabulary [0, {vocab})",
                     field="prompt_token_ids",
                 )
         if len(ids) >= ctx:
@@ -359,9 +384,7 @@ class Pool:
         sp = self._sampling(sampling)
         split = self._split(split)
         if sp.n > self.config.router.max_n_per_request:
-            return list(
-                await asyncio.gather(*(self.generate(p, sp, split, None, timeout_s) for p in prompts))
-            )
+            return list(await asyncio.gather(*(self.generate(p, sp, split, None, timeout_s) for p in prompts)))
         checked = [await self._validate_prompt(p, sp) for p in prompts]
         requests = [
             GenerateRequest(request_id=self._request_id(), prompt_token_ids=ids, sampling=sp, split=split)
@@ -386,9 +409,7 @@ class Pool:
                         chunk = group[start : start + chunk_size]
                         idx = [pending.pop() for _ in chunk]
                         tasks.append(
-                            asyncio.ensure_future(
-                                self._run_chunk(engine_id, chunk, idx, requests, results, timeout_s)
-                            )
+                            asyncio.ensure_future(self._run_chunk(engine_id, chunk, idx, requests, results, timeout_s))
                         )
             await asyncio.gather(*tasks)
         except BaseException:
@@ -433,6 +454,175 @@ class Pool:
             for i, out in zip(retry, redone, strict=True):
                 results[i] = out
 
+    # -- chat, sessions, scoring -------------------------------------------------------
+    def renderer(self) -> ChatRenderer:
+        """The chat renderer of this pool's tokenizer (loaded once per process, thread-safe)."""
+        with _RENDERER_LOCK:
+            return self._load_renderer()
+
+    def _load_renderer(self) -> ChatRenderer:
+        if self._renderer is None:
+            group = self.config.engines[0]
+            path = group.tokenizer or group.model
+            if path is None and group.backend in ("vllm", "sglang"):
+                from inferpool.tiny_model import tiny_model
+
+                path = tiny_model()
+            if path is None:
+                raise RequestError(
+                    f"tokenizer: the {group.backend!r} engines have no tokenizer to render chat with; "
+                    "set EngineConfig.tokenizer (or model)",
+                    field="tokenizer",
+                )
+            self._renderer = ChatRenderer.from_pretrained(path)
+        return self._renderer
+
+    def model_name(self) -> str:
+        group = self.config.engines[0]
+        return group.model or ("inferpool/tiny-chat" if group.backend in ("vllm", "sglang") else group.backend)
+
+    def session_timeout_s(self) -> float:
+        """Upper bound of one session call: every attempt may wait for a slot and time out."""
+        attempts = self.config.router.max_attempts
+        return attempts * (self._timeout("") + self.config.router.acquire_timeout_s) + 30.0
+
+    def effective_reasoning(self, reasoning: ReasoningConfig | None, skip: bool) -> ReasoningConfig | None:
+        """The call's reasoning, else the pool default; None when the call skips reasoning."""
+        if skip:
+            return None
+        if reasoning is not None and not isinstance(reasoning, ReasoningConfig):
+            reasoning = ReasoningConfig(**dict(reasoning))
+        return reasoning if reasoning is not None else self.config.reasoning
+
+    def _text_only(self) -> bool:
+        return bool(self._infos) and not all(i.supports_tokens for i in self._infos.values())
+
+    def session(
+        self, track_tree: bool = False, *, tool_parser: str = "hermes", session_id: str | None = None
+    ) -> Session:
+        """A managed session (created in its store on first use); see :class:`Session`."""
+        from inferpool.actors.session_store import SessionOptions
+        from inferpool.sequences import new_session_id
+        from inferpool.session import Session
+
+        if not self._stores:
+            raise ConfigError("sessions: this pool has no session stores", field="sessions")
+        sid = session_id or new_session_id()
+        try:
+            shard = int(sid, 16) % len(self._stores)
+        except ValueError:
+            raise RequestError(f"session_id: {sid!r} is not a hex session id", field="session_id") from None
+        return Session(self, sid, self._stores[shard], SessionOptions(track_tree=track_tree, tool_parser=tool_parser))
+
+    def session_store(self, session_id: str) -> Any:
+        """The store actor that owns a session id."""
+        return self._stores[int(session_id, 16) % len(self._stores)]
+
+    async def chat(
+        self,
+        messages: list[dict[str, Any]],
+        n: int = 1,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: Any = None,
+        reasoning: ReasoningConfig | None = None,
+        skip_reasoning: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        split: Split = "train",
+        **sampling: Any,
+    ) -> ChatCompletion:
+        """Stateless OpenAI-shaped chat: render with the chat template, generate, parse."""
+        from inferpool.turns import chat_turn
+
+        reasoning = self.effective_reasoning(reasoning, skip_reasoning)
+        if not self._infos:
+            await self._refresh_infos()
+        if self._text_only():
+            body = {"messages": messages, "n": n, **sampling}
+            if tools is not None:
+                body["tools"] = tools
+            if tool_choice is not None:
+                body["tool_choice"] = tool_choice
+            if reasoning is not None:
+                body["reasoning"] = reasoning.model_dump(exclude_none=True)
+            return ChatCompletion(**await self._text_call("chat", body, split))
+        renderer = await asyncio.to_thread(self.renderer)
+        completion, _, _ = await chat_turn(
+            self,
+            renderer,
+            messages,
+            n=n,
+            sampling=sampling,
+            tools=tools,
+            tool_choice=tool_choice,
+            reasoning=reasoning,
+            chat_template_kwargs=chat_template_kwargs,
+            split=split,
+            model_name=self.model_name(),
+        )
+        return completion
+
+    async def complete(
+        self, prompt: str, n: int = 1, *, split: Split = "train", skip_reasoning: bool = False, **sampling: Any
+    ) -> Completion:
+        """Stateless OpenAI-shaped completion of a text prompt."""
+        from inferpool.turns import completion_turn
+
+        if not self._infos:
+            await self._refresh_infos()
+        if self._text_only():
+            return Completion(**await self._text_call("completion", {"prompt": prompt, "n": n, **sampling}, split))
+        renderer = await asyncio.to_thread(self.renderer)
+        completion, _, _ = await completion_turn(
+            self, renderer, prompt, n=n, sampling=sampling, split=split, model_name=self.model_name()
+        )
+        return completion
+
+    async def _text_call(self, method: str, body: dict[str, Any], split: Split) -> dict[str, Any]:
+        """A text-level call on a text-only engine (hosted API), through a lease."""
+        body, _ = strip_control_fields(body)
+        return await self._on_engine(lambda h: getattr(h, method).remote(body), split)
+
+    async def _on_engine(self, call: Any, split: Split = "train") -> Any:
+        lease: Lease = await await_ref(
+            self._router.acquire.remote(split), self.config.router.acquire_timeout_s + 10, "router acquire"
+        )
+        try:
+            handle = await self._handle(lease.engine_id)
+            return await await_ref(call(handle), self._timeout(lease.engine_id), f"engine {lease.engine_id}")
+        finally:
+            await self._release(self._router.release.remote(lease.lease_id))
+
+    async def get_logprobs(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        input_ids: list[int] | None = None,
+        top_k: int = 1,
+        split: Split = "eval",
+    ) -> dict[str, Any]:
+        """Prompt scoring: per position the top-k token ids and logprobs (position 0: empty lists)."""
+        given = [x is not None for x in (prompt, messages, input_ids)]
+        if sum(given) != 1:
+            raise RequestError("prompt: give exactly one of prompt, messages or input_ids", field="prompt")
+        if not isinstance(top_k, int) or top_k < 1:
+            raise RequestError(f"top_k: must be an int >= 1, got {top_k!r}", field="top_k")
+        if input_ids is not None:
+            ids = list(input_ids)
+        else:
+            renderer = await asyncio.to_thread(self.renderer)
+            if messages is not None:
+                from inferpool.chat import validate_messages
+
+                text = renderer._template(validate_messages(messages), add_generation_prompt=False)
+            else:
+                text = str(prompt)
+            ids = renderer.encode(text)
+        ids = await self._validate_prompt(ids, SamplingParams())
+        out: PromptLogprobs = await self._on_engine(lambda h: h.prompt_logprobs.remote(ids, top_k), split)
+        return out.to_dict()
+
     # -- operations ------------------------------------------------------------------
     def engine_ids(self) -> list[str]:
         return sorted(self._infos)
@@ -454,9 +644,16 @@ class Pool:
             except InferpoolError as exc:
                 entry["error"] = str(exc)
             engines[eid] = entry
+        sessions: dict[str, Any] = {}
+        for i, store in enumerate(self._stores):
+            try:
+                sessions[f"shard{i}"] = get_ref(store.counts.remote(), 10.0, "session store")
+            except InferpoolError as exc:
+                sessions[f"shard{i}"] = {"error": str(exc)}
         return {
             "pool": self.name,
             "engines": engines,
+            "sessions": sessions,
             "router": {
                 "policy": self.config.router.policy,
                 "leases": get_ref(self._router.num_leases.remote(), _CONTROL_TIMEOUT_S, "router"),
@@ -520,6 +717,15 @@ class Pool:
             handles = get_ref(self._router.engines.remote(), 30.0, "router")
         except Exception:
             handles = dict(self._handles)
+        try:
+            self._router.shutdown.remote()
+        except Exception:
+            logger.debug("router already gone", exc_info=True)
+        for store in self._stores:
+            try:
+                ray.kill(store)
+            except Exception:
+                logger.debug("session store already gone", exc_info=True)
         for eid, handle in handles.items():
             self._kill_engine(eid, handle)
         try:

@@ -103,9 +103,7 @@ async def _run(pool: Pool, cfg: RolloutConfig, tokenizer: Any) -> list[dict[str,
         ids = tokenizer.apply_chat_template(
             prompt_messages(i), add_generation_prompt=True, tokenize=True, return_dict=False
         )
-        sp = SamplingParams(
-            n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed + i
-        )
+        sp = SamplingParams(n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed + i)
         result = await pool.generate(list(ids), sp)
         rows.extend(_rows(i, result))
         bar.update(1)

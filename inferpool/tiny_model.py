@@ -146,9 +146,7 @@ def _train_tokenizer() -> Any:
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     split = pre.Split(Regex(_SPLIT_REGEX), behavior="isolated", invert=False)
-    tok.pre_tokenizer = pre.Sequence(
-        [split, pre.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
+    tok.pre_tokenizer = pre.Sequence([split, pre.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = BpeTrainer(
         vocab_size=_TARGET_VOCAB - len(SPECIAL_TOKENS) - len(EXTRA_TOKENS),

@@ -105,6 +105,8 @@ class EngineInfo:
     max_model_len: int
     eos_token_id: int | None = None
     node_id: str = ""
+    supports_tokens: bool = True  # False: text-only (hosted OpenAI-style APIs); sessions need placeholders
+    supports_prompt_logprobs: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -123,3 +125,24 @@ class EngineStats:
     prefix_cache_hit_rate: float | None = None
     weight_version: int | str | None = None
     uptime_s: float = 0.0
+
+
+@dataclasses.dataclass(slots=True)
+class PromptLogprobs:
+    """Prompt scoring: per prompt position, the top-k token ids and their logprobs.
+
+    ``prompt_topk_token_ids[i]`` and ``prompt_topk_logprobs[i]`` hold exactly ``k`` entries
+    for every position ``i >= 1`` (sorted by logprob, best first). Position 0 has no
+    logprob (nothing precedes it): its lists are empty.
+    """
+
+    prompt_tokens: list[int]
+    prompt_topk_token_ids: list[list[int]]
+    prompt_topk_logprobs: list[list[float]]
+
+    def to_dict(self) -> dict[str, list]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_topk_token_ids": self.prompt_topk_token_ids,
+            "prompt_topk_logprobs": self.prompt_topk_logprobs,
+        }

@@ -61,6 +61,7 @@ class Router:
         self._ids = itertools.count(1)
         self._changed: asyncio.Condition | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self._stores: list[Any] = []
         self.decisions = 0
 
     # -- registry ---------------------------------------------------------------------
@@ -113,6 +114,13 @@ class Router:
 
     def get_pool_config(self) -> PoolConfig | None:
         return self.pool_config
+
+    def set_stores(self, stores: list[Any]) -> None:
+        """Remember the pool's SessionStore actor handles (shard order)."""
+        self._stores = list(stores)
+
+    def stores(self) -> list[Any]:
+        return self._stores
 
     # -- leases -----------------------------------------------------------------------
     def _try_reserve(self, request: RouteRequest) -> Lease | None:

@@ -44,3 +44,42 @@ def fake_pool(ray_session: None) -> Iterator[object]:
     )
     yield pool
     pool.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The embedded tiny model, built in a temp dir (its tokenizer renders chat for fakes)."""
+    from inferpool.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def session_pool(ray_session: None, tiny_tokenizer_path: str) -> Iterator[object]:
+    """Fake engines that sample from the tiny tokenizer's vocabulary (EOS = <|im_end|>)."""
+    import inferpool as ip
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_path)
+    pool = ip.Pool.start(
+        ip.PoolConfig(
+            name="unit-sessions",
+            engines=[
+                ip.EngineConfig(
+                    backend="fake",
+                    tokenizer=tiny_tokenizer_path,
+                    replicas=2,
+                    engine_kwargs={
+                        "vocab_size": len(tok),
+                        "eos_token_id": tok.eos_token_id,
+                        "eos_probability": 0.15,
+                        "max_model_len": 512,
+                    },
+                )
+            ],
+            router=ip.RouterConfig(acquire_timeout_s=5.0, health_interval_s=0.5),
+            sessions=ip.SessionConfig(shards=2),
+        )
+    )
+    yield pool
+    pool.shutdown()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from inferpool.types import EngineInfo, GenerateRequest, GenerateResult
+from inferpool.errors import RequestError
+from inferpool.types import EngineInfo, GenerateRequest, GenerateResult, PromptLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,9 @@ class EngineBackend(Protocol):
     async def start(self) -> EngineInfo: ...
     async def generate(self, request: GenerateRequest) -> GenerateResult: ...
     async def abort(self, request_id: str) -> None: ...
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]: ...
+    async def completion(self, body: dict[str, Any]) -> dict[str, Any]: ...
+    async def prompt_logprobs(self, prompt_token_ids: list[int], top_k: int) -> PromptLogprobs: ...
     async def health(self) -> None: ...
     async def backend_stats(self) -> dict[str, Any]: ...
     async def pause(self, mode: PauseMode) -> None: ...
@@ -44,6 +48,18 @@ class BaseBackend:
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         raise NotImplementedError
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Text-level OpenAI chat completion (text-only backends). Token backends render instead."""
+        raise RequestError(f"the {self.name} backend serves token ids; it has no text-level chat call")
+
+    async def completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Text-level OpenAI completion (text-only backends)."""
+        raise RequestError(f"the {self.name} backend serves token ids; it has no text-level completion call")
+
+    async def prompt_logprobs(self, prompt_token_ids: list[int], top_k: int) -> PromptLogprobs:
+        """Score a prompt: top-k logprobs at every position. Not retryable when unsupported."""
+        raise RequestError(f"the {self.name} backend cannot return prompt logprobs", field="backend")
 
     async def abort(self, request_id: str) -> None:
         logger.info("%s backend cannot abort; request %s runs to completion", self.name, request_id)

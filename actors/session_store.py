@@ -1,0 +1,263 @@
+"""SessionStore actors: the managed sessions, sharded over a few actors by session id.
+
+A store owns its sessions' token-exact state and runs their turns (render → route →
+generate → record) through a Pool client, so HTTP ingress replicas and rollout workers
+hold no state. Requests to one session are serialized by a per-session lock; a turn's
+new nodes are committed only after it succeeded. Idle sessions expire after the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import ray
+
+from inferpool.chat import ChatRenderer, validate_messages
+from inferpool.config import PoolConfig
+from inferpool.errors import SessionError, SessionExpiredError, SessionNotFoundError
+from inferpool.log import setup_logging
+from inferpool.openai_types import ChatCompletion, Completion
+from inferpool.reasoning import ReasoningConfig
+from inferpool.sequences import SessionState, commit
+from inferpool.turns import chat_turn, completion_turn, template_kwargs_for
+from inferpool.types import Split
+
+logger = logging.getLogger(__name__)
+
+_EXPIRED_MEMORY = 100_000
+
+
+@dataclasses.dataclass
+class SessionOptions:
+    """Per-session options chosen at creation."""
+
+    track_tree: bool = False
+    tool_parser: str = "hermes"
+
+
+@dataclasses.dataclass
+class _Entry:
+    state: SessionState
+    options: SessionOptions
+    lock: asyncio.Lock
+    last_used: float
+    busy: int = 0
+
+
+class SessionStore:
+    """One shard of sessions."""
+
+    def __init__(self, pool_config: PoolConfig, router: Any, shard: int) -> None:
+        setup_logging()
+        from inferpool.pool import Pool
+
+        self.shard = shard
+        self.config = pool_config
+        self.pool = Pool(pool_config, router, [])
+        self._sessions: dict[str, _Entry] = {}
+        self._expired: OrderedDict[str, None] = OrderedDict()
+        self._renderer: ChatRenderer | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self.expired_total = 0
+
+    async def start(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+
+    async def _renderer_ready(self) -> ChatRenderer:
+        if self._renderer is None:
+            self._renderer = await asyncio.to_thread(self.pool.renderer)
+        return self._renderer
+
+    # -- lifetime ---------------------------------------------------------------------
+    def _get(self, session_id: str, create: SessionOptions | None) -> _Entry:
+        entry = self._sessions.get(session_id)
+        if entry is not None:
+            return entry
+        if session_id in self._expired:
+            raise SessionExpiredError(
+                f"session {session_id} expired after {self.config.sessions.idle_ttl_s}s idle (SessionConfig.idle_ttl_s)"
+            )
+        if create is None:
+            raise SessionNotFoundError(f"no session {session_id}")
+        entry = _Entry(
+            state=SessionState(session_id=session_id, nodes=[], track_tree=create.track_tree),
+            options=create,
+            lock=asyncio.Lock(),
+            last_used=time.monotonic(),
+        )
+        self._sessions[session_id] = entry
+        return entry
+
+    async def create(self, session_id: str, options: SessionOptions) -> None:
+        if session_id in self._sessions:
+            raise SessionError(f"session {session_id} already exists")
+        self._get(session_id, options)
+
+    async def _reap_loop(self) -> None:
+        ttl = self.config.sessions.idle_ttl_s
+        while True:
+            await asyncio.sleep(min(max(ttl / 4, 0.05), 30.0))
+            self.expire_idle()
+
+    def expire_idle(self, now: float | None = None) -> int:
+        """Evict sessions idle longer than the TTL (never one with a turn in flight)."""
+        now = time.monotonic() if now is None else now
+        ttl = self.config.sessions.idle_ttl_s
+        gone = [sid for sid, e in self._sessions.items() if e.busy == 0 and now - e.last_used > ttl]
+        for sid in gone:
+            del self._sessions[sid]
+            self._expired[sid] = None
+            self.expired_total += 1
+        while len(self._expired) > _EXPIRED_MEMORY:
+            self._expired.popitem(last=False)
+        return len(gone)
+
+    async def _run(self, session_id: str, create: SessionOptions | None, turn: Any) -> Any:
+        entry = self._get(session_id, create)
+        entry.busy += 1
+        try:
+            async with entry.lock:  # one turn at a time per session
+                entry.last_used = time.monotonic()
+                return await turn(entry)
+        finally:
+            entry.busy -= 1
+            entry.last_used = time.monotonic()
+
+    # -- turns ------------------------------------------------------------------------
+    async def chat(
+        self,
+        session_id: str,
+        create: SessionOptions | None,
+        messages: Any,
+        n: int = 1,
+        sampling: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: Any = None,
+        reasoning: ReasoningConfig | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        split: Split = "train",
+    ) -> ChatCompletion:
+        renderer = await self._renderer_ready()
+
+        async def turn(entry: _Entry) -> ChatCompletion:
+            # chat_turn only reads the state; commit after success, so a failed turn changes nothing
+            completion, parent, children = await chat_turn(
+                self.pool,
+                renderer,
+                messages,
+                n=n,
+                sampling=sampling,
+                tools=tools,
+                tool_choice=tool_choice,
+                tool_parser=entry.options.tool_parser,
+                reasoning=reasoning,
+                chat_template_kwargs=chat_template_kwargs,
+                state=entry.state,
+                split=split,
+                model_name=self.pool.model_name(),
+            )
+            commit(entry.state, parent, children)
+            return completion
+
+        result: ChatCompletion = await self._run(session_id, create, turn)
+        return result
+
+    async def complete(
+        self,
+        session_id: str,
+        create: SessionOptions | None,
+        prompt: Any,
+        n: int = 1,
+        sampling: dict[str, Any] | None = None,
+        split: Split = "train",
+    ) -> Completion:
+        renderer = await self._renderer_ready()
+
+        async def turn(entry: _Entry) -> Completion:
+            completion, parent, children = await completion_turn(
+                self.pool,
+                renderer,
+                prompt,
+                n=n,
+                sampling=sampling,
+                state=entry.state,
+                split=split,
+                model_name=self.pool.model_name(),
+            )
+            commit(entry.state, parent, children)
+            return completion
+
+        result: Completion = await self._run(session_id, create, turn)
+        return result
+
+    async def render(
+        self,
+        session_id: str,
+        messages: Any,
+        tools: list[dict[str, Any]] | None = None,
+        reasoning: ReasoningConfig | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The prompt text and token ids a chat call would send now, without generating."""
+        from inferpool.chat import message_key
+        from inferpool.sequences import longest_message_prefix
+
+        renderer = await self._renderer_ready()
+        entry = self._get(session_id, None)
+        msgs = validate_messages(messages)
+        kwargs = template_kwargs_for(reasoning, chat_template_kwargs)
+        parent, stored = longest_message_prefix(entry.state.nodes, [message_key(m) for m in msgs])
+        if parent is None:
+            text, ids = renderer.render(msgs, tools=tools, template_kwargs=kwargs)
+            return {"prompt_text": text, "prompt_token_ids": ids, "extends": None}
+        suffix = renderer.suffix(msgs, stored, parent.ended_with_eos, tools=tools, template_kwargs=kwargs)
+        return {
+            "prompt_text": parent.full_text + suffix,
+            "prompt_token_ids": parent.tokens + renderer.encode(suffix),
+            "extends": parent.node_id,
+        }
+
+    # -- state ------------------------------------------------------------------------
+    async def get_state(self, session_id: str) -> SessionState:
+        entry = self._get(session_id, None)
+        entry.last_used = time.monotonic()
+        return entry.state
+
+    async def reset(self, session_id: str) -> None:
+        entry = self._get(session_id, None)
+        async with entry.lock:
+            entry.state.nodes = []
+            entry.state.turns = 0
+
+    async def close(self, session_id: str) -> bool:
+        return self._sessions.pop(session_id, None) is not None
+
+    def list_sessions(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [
+            {
+                "session_id": sid,
+                "nodes": len(e.state.nodes),
+                "turns": e.state.turns,
+                "idle_s": round(now - e.last_used, 3),
+                "track_tree": e.state.track_tree,
+                "shard": self.shard,
+            }
+            for sid, e in self._sessions.items()
+        ]
+
+    def counts(self) -> dict[str, int]:
+        return {"open": len(self._sessions), "expired": self.expired_total}
+
+    async def shutdown(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+
+
+SessionStoreActor = ray.remote(num_cpus=0, max_restarts=0)(SessionStore)

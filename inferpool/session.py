@@ -1,0 +1,179 @@
+"""Managed sessions, client side: the Session handle and its OpenAI-client adapter.
+
+A Session is a cheap handle (an id and the store shard that owns it); the state lives
+in a SessionStore actor. It works with ``async with pool.session() as s:`` and without
+the context manager (``s = pool.session()``, then ``asyncio.run(s.chat(...))`` from a
+synchronous Ray task). The first call creates the session in its store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from inferpool._ray import await_ref
+from inferpool.actors.session_store import SessionOptions
+from inferpool.openai_types import ChatCompletion, Completion
+from inferpool.reasoning import ReasoningConfig
+from inferpool.sequences import SessionState
+from inferpool.types import Split
+
+if TYPE_CHECKING:
+    from inferpool.pool import Pool
+
+logger = logging.getLogger(__name__)
+
+
+class Session:
+    """A token-exact multi-turn session. Turns to one session are serialized."""
+
+    def __init__(self, pool: Pool, session_id: str, store: Any, options: SessionOptions) -> None:
+        self.pool = pool
+        self.session_id = session_id
+        self._store = store
+        self._options = options
+        self._created = False
+
+    def _create(self) -> SessionOptions | None:
+        return None if self._created else self._options
+
+    async def _call(self, ref: ray.ObjectRef) -> Any:
+        out = await await_ref(ref, self.pool.session_timeout_s(), f"session {self.session_id}")
+        self._created = True
+        return out
+
+    async def chat(
+        self,
+        messages: list[dict[str, Any]],
+        n: int = 1,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: Any = None,
+        reasoning: ReasoningConfig | None = None,
+        skip_reasoning: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        split: Split = "train",
+        **sampling: Any,
+    ) -> ChatCompletion:
+        """One chat turn; returns an OpenAI-shaped ChatCompletion (plus token extras)."""
+        reasoning = self.pool.effective_reasoning(reasoning, skip_reasoning)
+        out: ChatCompletion = await self._call(
+            self._store.chat.remote(
+                self.session_id,
+                self._create(),
+                messages,
+                n,
+                sampling,
+                tools,
+                tool_choice,
+                reasoning,
+                chat_template_kwargs,
+                split,
+            )
+        )
+        return out
+
+    async def complete(
+        self, prompt: str, n: int = 1, *, split: Split = "train", skip_reasoning: bool = False, **sampling: Any
+    ) -> Completion:
+        """One completion turn (extends the longest stored text prefix)."""
+        out: Completion = await self._call(
+            self._store.complete.remote(self.session_id, self._create(), prompt, n, sampling, split)
+        )
+        return out
+
+    async def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        reasoning: ReasoningConfig | None = None,
+        skip_reasoning: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The prompt text and token ids a chat call would send now (nothing generated)."""
+        await self._ensure_created()
+        reasoning = self.pool.effective_reasoning(reasoning, skip_reasoning)
+        out: dict[str, Any] = await self._call(
+            self._store.render.remote(self.session_id, messages, tools, reasoning, chat_template_kwargs)
+        )
+        return out
+
+    async def _ensure_created(self) -> None:
+        if not self._created:
+            await self._call(self._store.create.remote(self.session_id, self._options))
+
+    async def state(self) -> SessionState:
+        """The session's sequences (token ids, masks, logprobs, metadata)."""
+        await self._ensure_created()
+        out: SessionState = await self._call(self._store.get_state.remote(self.session_id))
+        return out
+
+    def state_ref(self) -> ray.ObjectRef:
+        """An ObjectRef to the SessionState, fetchable with ray.get anywhere in the cluster."""
+        if not self._created:
+            ray.get(self._store.create.remote(self.session_id, self._options), timeout=60)
+            self._created = True
+        return self._store.get_state.remote(self.session_id)
+
+    async def reset(self) -> None:
+        """Drop every stored sequence (the session stays open)."""
+        await self._ensure_created()
+        await self._call(self._store.reset.remote(self.session_id))
+
+    async def close(self) -> None:
+        """Forget the session and its state."""
+        if self._created:
+            await self._call(self._store.close.remote(self.session_id))
+        self._created = False
+
+    async def __aenter__(self) -> Session:
+        await self._ensure_created()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def as_openai(self) -> OpenAIAdapter:
+        """An object with async ``chat.completions.create`` / ``completions.create`` on this session."""
+        return OpenAIAdapter(self)
+
+    def __repr__(self) -> str:
+        return f"Session({self.session_id!r}, pool={self.pool.name!r})"
+
+
+@dataclasses.dataclass
+class _ChatCompletions:
+    session: Session
+
+    async def create(self, *, messages: list[dict[str, Any]], model: str | None = None, n: int = 1, **kw: Any) -> Any:
+        kw.pop("stream", None)
+        return await self.session.chat(messages, n, **kw)
+
+
+@dataclasses.dataclass
+class _Chat:
+    completions: _ChatCompletions
+
+
+@dataclasses.dataclass
+class _Completions:
+    session: Session
+
+    async def create(self, *, prompt: str, model: str | None = None, n: int = 1, **kw: Any) -> Any:
+        kw.pop("stream", None)
+        return await self.session.complete(prompt, n, **kw)
+
+
+class OpenAIAdapter:
+    """Agent code written against ``openai.AsyncOpenAI`` runs on a tracked session."""
+
+    def __init__(self, session: Session) -> None:
+        self.chat = _Chat(_ChatCompletions(session))
+        self.completions = _Completions(session)
