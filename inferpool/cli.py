@@ -29,7 +29,7 @@ def _rollout(args: argparse.Namespace) -> int:
     )
     summary = run_rollouts(cfg)
     print(
-        f"{summary['sequences']} sequences from {summary['rollouts']} rollouts: "
+        f"{summary['sequences']} sequences from {summary['rollouts']} rollouts x {summary['turns']} turns: "
         f"{summary['generated_tokens']} tokens in {summary['seconds']}s = "
         f"{summary['generated_tokens_per_s']} generated tokens/s -> {summary['output']}"
     )
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--engines", type=int, default=1, help="engine replicas")
     ro.add_argument("--num-rollouts", type=int, default=64)
     ro.add_argument("--n", type=int, default=2, help="samples per prompt")
-    ro.add_argument("--turns", type=int, default=1, help="assistant turns per rollout")
+    ro.add_argument("--turns", type=int, default=2, help="assistant turns per rollout")
     ro.add_argument("--max-tokens", type=int, default=32)
     ro.add_argument("--temperature", type=float, default=1.0)
     ro.add_argument("--seed", type=int, default=0)

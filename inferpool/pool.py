@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import logging
+import threading
 import time
 import uuid
 from collections import defaultdict

@@ -1,8 +1,9 @@
-"""The main job: run rollouts through a pool and write token-exact trajectories.
+"""The main job: multi-turn rollouts through a pool, written as token-exact trajectories.
 
-Each rollout is one prompt rendered with the model's chat template, sampled ``n``
-times; every trajectory row holds the prompt ids, completion ids, per-token logprobs,
-finish reason, weight version and engine id exactly as the engine produced them.
+Each rollout is a managed session: the first turn samples ``n`` answers, later turns
+extend the first one with a new user message. Every row of the output is one of the
+session's sequences: token ids, masked tokens (-100 where not trainable), the engine's
+logprobs (1.0 where not sampled), per-token weight versions, finish reason, engine id.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pydantic import Field
 from inferpool._model import ConfigModel
 from inferpool.config import EngineConfig, PoolConfig
 from inferpool.pool import Pool
-from inferpool.types import GenerateResult, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class RolloutConfig(ConfigModel):
     engines: int = Field(1, ge=1, description="Engine replicas.")
     num_rollouts: int = Field(64, ge=1, description="How many prompts (rollouts) to run.")
     n: int = Field(2, ge=1, description="Samples per prompt.")
-    turns: int = Field(1, ge=1, description="Assistant turns per rollout.")
+    turns: int = Field(2, ge=1, description="Assistant turns per rollout.")
     max_tokens: int = Field(32, ge=1, description="Tokens sampled per turn.")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature.")
     seed: int = Field(0, description="Base seed; rollout i uses seed + i.")
@@ -63,19 +63,21 @@ def prompt_messages(i: int) -> list[dict[str, str]]:
     ]
 
 
-def _rows(rollout: int, result: GenerateResult) -> list[dict[str, Any]]:
+def _node_rows(rollout: int, state: Any) -> list[dict[str, Any]]:
     return [
         {
             "rollout": rollout,
-            "choice": c.index,
-            "engine_id": result.engine_id,
-            "prompt_token_ids": result.prompt_token_ids,
-            "completion_token_ids": c.token_ids,
-            "logprobs": c.logprobs,
-            "finish_reason": c.finish_reason,
-            "weight_version": c.weight_version,
+            "session_id": state.session_id,
+            "node_id": node.node_id,
+            "turns": state.turns,
+            "engine_id": node.metadata.get("engine_id"),
+            "finish_reason": node.metadata.get("finish_reason"),
+            "tokens": node.tokens,
+            "masked_tokens": node.masked_tokens,
+            "logprobs": node.logprobs,
+            "weight_versions": node.weight_versions,
         }
-        for c in result.choices
+        for node in state.nodes
     ]
 
 
@@ -93,31 +95,40 @@ def write_rows(rows: Sequence[dict[str, Any]], output: str) -> None:
             fh.write(json.dumps(row) + "\n")
 
 
-async def _run(pool: Pool, cfg: RolloutConfig, tokenizer: Any) -> list[dict[str, Any]]:
+async def _run(pool: Pool, cfg: RolloutConfig) -> tuple[list[dict[str, Any]], int]:
+    """Multi-turn rollouts through managed sessions: each turn answers, then a new user turn."""
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.num_rollouts, disable=not cfg.progress, desc="rollouts", unit="rollout")
     rows: list[dict[str, Any]] = []
+    sampled = 0
 
     async def one(i: int) -> None:
-        ids = tokenizer.apply_chat_template(
-            prompt_messages(i), add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        sp = SamplingParams(n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed + i)
-        result = await pool.generate(list(ids), sp)
-        rows.extend(_rows(i, result))
+        nonlocal sampled
+        async with pool.session() as s:
+            messages = prompt_messages(i)
+            for turn in range(cfg.turns):
+                out = await s.chat(
+                    messages,
+                    n=cfg.n if turn == 0 else 1,
+                    max_tokens=cfg.max_tokens,
+                    temperature=cfg.temperature,
+                    seed=cfg.seed + 1000 * i + turn,
+                )
+                sampled += sum(len(c.token_ids) for c in out.choices)
+                reply = out.choices[0].message.model_dump(exclude_none=True)
+                messages = [*messages, reply, {"role": "user", "content": f"Step {turn + 2}: improve it."}]
+            rows.extend(_node_rows(i, await s.state()))
         bar.update(1)
 
     await asyncio.gather(*(one(i) for i in range(cfg.num_rollouts)))
     bar.close()
-    rows.sort(key=lambda r: (r["rollout"], r["choice"]))
-    return rows
+    rows.sort(key=lambda r: (r["rollout"], r["node_id"]))
+    return rows, sampled
 
 
 def run_rollouts(cfg: RolloutConfig, pool: Pool | None = None) -> dict[str, Any]:
     """Start a pool (unless given), run the rollouts, write the file; returns a summary."""
-    from transformers import AutoTokenizer
-
     from inferpool.tiny_model import tiny_model
 
     model = cfg.model or tiny_model()
@@ -126,25 +137,25 @@ def run_rollouts(cfg: RolloutConfig, pool: Pool | None = None) -> dict[str, Any]
         pool = Pool.start(
             PoolConfig(
                 name=f"rollout-{os.getpid()}",
-                engines=[EngineConfig(backend=cfg.backend, model=model, replicas=cfg.engines)],  # type: ignore[arg-type]
+                engines=[
+                    EngineConfig(backend=cfg.backend, model=model, tokenizer=model, replicas=cfg.engines)
+                ],  # type: ignore[arg-type]
             )
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
         t0 = time.perf_counter()
-        rows = asyncio.run(_run(pool, cfg, tokenizer))
+        rows, generated = asyncio.run(_run(pool, cfg))
         elapsed = time.perf_counter() - t0
     finally:
         if own:
             pool.shutdown()
     write_rows(rows, cfg.output)
-    generated = sum(len(r["completion_token_ids"]) for r in rows)
-    prompt = sum(len(r["prompt_token_ids"]) for r in rows)
     return {
         "rollouts": cfg.num_rollouts,
+        "turns": cfg.turns,
         "sequences": len(rows),
         "generated_tokens": generated,
-        "prompt_tokens": prompt,
+        "trainable_tokens": sum(sum(1 for m in r["masked_tokens"] if m != -100) for r in rows),
         "seconds": round(elapsed, 3),
         "generated_tokens_per_s": round(generated / elapsed, 1) if elapsed else 0.0,
         "output": str(Path(cfg.output).resolve()),

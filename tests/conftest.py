@@ -57,8 +57,9 @@ def tiny_tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def session_pool(ray_session: None, tiny_tokenizer_path: str) -> Iterator[object]:
     """Fake engines that sample from the tiny tokenizer's vocabulary (EOS = <|im_end|>)."""
-    import inferpool as ip
     from transformers import AutoTokenizer
+
+    import inferpool as ip
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_path)
     pool = ip.Pool.start(
