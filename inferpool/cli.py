@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--namespace", default="inferpool")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_status)
+
+    from inferpool.deploy.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
