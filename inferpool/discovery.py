@@ -44,8 +44,9 @@ def scontrol_hostnames(nodelist: str) -> list[str]:
             check=True,
         )
     except FileNotFoundError as exc:
-        raise ConfigError(f"{NODELIST_VAR}: scontrol is not installed here, cannot expand {nodelist!r}",
-                          field=NODELIST_VAR) from exc
+        raise ConfigError(
+            f"{NODELIST_VAR}: scontrol is not installed here, cannot expand {nodelist!r}", field=NODELIST_VAR
+        ) from exc
     except subprocess.TimeoutExpired as exc:
         raise ConfigError(f"{NODELIST_VAR}: scontrol show hostnames timed out", field=NODELIST_VAR) from exc
     except subprocess.CalledProcessError as exc:
@@ -72,14 +73,18 @@ def _servers_per_node(gpus: int, tensor_parallel: int, base_port: int) -> int:
 
 
 def _configs(
-    hosts: Sequence[str], per_node: Sequence[int], base_port: int, backend: str,
+    hosts: Sequence[str],
+    per_node: Sequence[int],
+    base_port: int,
+    backend: str,
     engine_fields: Mapping[str, Any] | None,
 ) -> list[EngineConfig]:
     fields = dict(engine_fields or {})
     for reserved in ("backend", "base_url"):
         if reserved in fields:
-            raise ConfigError(f"engine_fields.{reserved}: set by discovery, not allowed here",
-                              field=f"engine_fields.{reserved}")
+            raise ConfigError(
+                f"engine_fields.{reserved}: set by discovery, not allowed here", field=f"engine_fields.{reserved}"
+            )
     return [
         EngineConfig(backend=backend, base_url=f"http://{host}:{base_port + i}/v1", **fields)  # type: ignore[arg-type]
         for host, count in zip(hosts, per_node, strict=True)
@@ -138,8 +143,9 @@ def engines_from_slurm(
             "none is left for inference",
             field="num_training_nodes",
         )
-    logger.info("slurm discovery: %d inference node(s) x %d server(s) from port %d",
-                len(inference), per_node, base_port)
+    logger.info(
+        "slurm discovery: %d inference node(s) x %d server(s) from port %d", len(inference), per_node, base_port
+    )
     return _configs(inference, [per_node] * len(inference), base_port, backend, engine_fields)
 
 
@@ -183,7 +189,25 @@ def engines_from_ray_cluster(
 
 
 async def engines_from_ray_cluster_async(
-    base_port: int, tensor_parallel: int = 1, backend: str = "vllm_http", **kwargs: Any
+    base_port: int,
+    tensor_parallel: int = 1,
+    backend: str = "vllm_http",
+    exclude_node_ids: Collection[str] = (),
+    gpu_resource: str = "GPU",
+    engine_fields: Mapping[str, Any] | None = None,
+    timeout_s: float = 60.0,
 ) -> list[EngineConfig]:
-    """:func:`engines_from_ray_cluster` run in a worker thread (no blocking Ray call on the loop)."""
-    return await asyncio.to_thread(engines_from_ray_cluster, base_port, tensor_parallel, backend, **kwargs)
+    """:func:`engines_from_ray_cluster` in a worker thread (no blocking Ray call on the loop)."""
+    return await asyncio.wait_for(
+        asyncio.to_thread(
+            engines_from_ray_cluster,
+            base_port,
+            tensor_parallel,
+            backend,
+            None,
+            exclude_node_ids,
+            gpu_resource,
+            engine_fields,
+        ),
+        timeout_s,
+    )

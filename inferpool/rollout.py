@@ -137,9 +137,7 @@ def run_rollouts(cfg: RolloutConfig, pool: Pool | None = None) -> dict[str, Any]
         pool = Pool.start(
             PoolConfig(
                 name=f"rollout-{os.getpid()}",
-                engines=[
-                    EngineConfig(backend=cfg.backend, model=model, tokenizer=model, replicas=cfg.engines)
-                ],  # type: ignore[arg-type]
+                engines=[EngineConfig(backend=cfg.backend, model=model, tokenizer=model, replicas=cfg.engines)],  # type: ignore[arg-type]
             )
         )
     try:
