@@ -47,9 +47,7 @@ class EngineActor:
                 self.info.node_id = ray.get_runtime_context().get_node_id()
             except Exception:  # not inside Ray
                 self.info.node_id = ""
-            logger.info(
-                "engine %s (%s) started in %.1fs", self.engine_id, self.info.backend, time.perf_counter() - t0
-            )
+            logger.info("engine %s (%s) started in %.1fs", self.engine_id, self.info.backend, time.perf_counter() - t0)
         return self.info
 
     # -- generation -------------------------------------------------------------------
@@ -137,7 +135,7 @@ class EngineActor:
         self._stats.queue_len = int(extra.get("queue_len", 0) or 0)
         self._stats.kv_cache_usage = extra.get("kv_cache_usage")
         self._stats.prefix_cache_hit_rate = extra.get("prefix_cache_hit_rate")
-        self._stats.weight_version = extra.get("weight_version")
+        self._stats.weight_version = extra.get("weight_version", getattr(self.backend, "weight_version", None))
         self._stats.uptime_s = time.monotonic() - self._started
         return self._stats
 
@@ -160,13 +158,47 @@ class EngineActor:
     async def reset_prefix_cache(self) -> None:
         await self.backend.reset_prefix_cache()
 
+    async def update_weights(
+        self, chunks: list[Any], version: int | str, pause_mode: PauseMode | None = "keep"
+    ) -> dict[str, Any]:
+        """Load new weights chunk by chunk (ObjectRefs fetched one at a time, so peak memory is
+        one chunk), label them ``version``, reset the prefix cache. Generation is paused with
+        ``pause_mode`` meanwhile, so each token's version is exact."""
+        t0 = time.perf_counter()
+        nbytes = loaded = 0
+        if pause_mode is not None:
+            await self.backend.pause(pause_mode)
+        try:
+            for chunk in chunks:
+                named = await chunk if isinstance(chunk, ray.ObjectRef) else chunk
+                pairs = list(named.items()) if isinstance(named, dict) else list(named)
+                nbytes += sum(int(getattr(t, "nbytes", 0)) for _, t in pairs)
+                loaded += await self.backend.load_weights(pairs)
+                del named, pairs
+            await self.backend.set_weight_version(version)
+        finally:
+            if pause_mode is not None:
+                await self.backend.resume()
+        seconds = time.perf_counter() - t0
+        self._stats.weight_updates += 1
+        self._stats.last_update_bytes = nbytes
+        self._stats.last_update_s = seconds
+        logger.info(
+            "engine %s: weights %s loaded (%d tensors, %d bytes) in %.3fs",
+            self.engine_id,
+            version,
+            loaded,
+            nbytes,
+            seconds,
+        )
+        return {"engine_id": self.engine_id, "version": version, "tensors": loaded, "bytes": nbytes, "seconds": seconds}
+
     async def control(self, method: str, kwargs: dict[str, Any] | None = None) -> Any:
         """Call a backend-specific control method it declares (e.g. the fake's inject_fault)."""
         allowed: frozenset[str] = getattr(self.backend, "control_methods", frozenset())
         if method not in allowed:
             raise RequestError(
-                f"method: backend {self.config.backend!r} has no control method {method!r} "
-                f"(has: {sorted(allowed)})",
+                f"method: backend {self.config.backend!r} has no control method {method!r} (has: {sorted(allowed)})",
                 field="method",
             )
         out = getattr(self.backend, method)(**(kwargs or {}))

@@ -17,13 +17,14 @@ from typing import Any
 
 import ray
 
+from inferpool._ray import await_ref
 from inferpool.chat import ChatRenderer, validate_messages
 from inferpool.config import PoolConfig
-from inferpool.errors import SessionError, SessionExpiredError, SessionNotFoundError
+from inferpool.errors import SessionError, SessionExpiredError, SessionNotFoundError, StaleSessionError
 from inferpool.log import setup_logging
 from inferpool.openai_types import ChatCompletion, Completion
 from inferpool.reasoning import ReasoningConfig
-from inferpool.sequences import SessionState, commit
+from inferpool.sequences import SequenceNode, SessionState, commit
 from inferpool.turns import chat_turn, completion_turn, template_kwargs_for
 from inferpool.types import Split
 
@@ -129,6 +130,33 @@ class SessionStore:
             entry.busy -= 1
             entry.last_used = time.monotonic()
 
+    # -- staleness --------------------------------------------------------------------
+    async def _stale_check(self) -> Any:
+        """A check for RouterConfig.max_staleness: raises (reject) or returns True (requeue)."""
+        bound = self.config.router.max_staleness
+        if bound is None:
+            return None
+        versions: dict[str, int] = await await_ref(self.pool._router.versions.remote(), 60.0, "router")
+        current = max(versions.values(), default=0)
+        policy = self.config.router.staleness_policy
+
+        def stale(node: SequenceNode) -> bool:
+            sampled = [v for v, t in zip(node.weight_versions, node.trainable, strict=True) if t]
+            if not sampled:
+                return False
+            oldest = min(versions.get(str(v), 0) for v in sampled)
+            if current - oldest <= bound:
+                return False
+            if policy == "reject":
+                raise StaleSessionError(
+                    f"session {node.node_id}: its earliest sampled tokens are {current - oldest} weight "
+                    f"updates old, more than RouterConfig.max_staleness={bound}"
+                )
+            logger.info("session node %s is stale (%d updates): requeued", node.node_id, current - oldest)
+            return True
+
+        return stale
+
     # -- turns ------------------------------------------------------------------------
     async def chat(
         self,
@@ -144,6 +172,7 @@ class SessionStore:
         split: Split = "train",
     ) -> ChatCompletion:
         renderer = await self._renderer_ready()
+        stale = await self._stale_check()
 
         async def turn(entry: _Entry) -> ChatCompletion:
             # chat_turn only reads the state; commit after success, so a failed turn changes nothing
@@ -161,6 +190,7 @@ class SessionStore:
                 state=entry.state,
                 split=split,
                 model_name=self.pool.model_name(),
+                stale=stale,
             )
             commit(entry.state, parent, children)
             return completion
@@ -178,6 +208,7 @@ class SessionStore:
         split: Split = "train",
     ) -> Completion:
         renderer = await self._renderer_ready()
+        stale = await self._stale_check()
 
         async def turn(entry: _Entry) -> Completion:
             completion, parent, children = await completion_turn(
@@ -189,6 +220,7 @@ class SessionStore:
                 state=entry.state,
                 split=split,
                 model_name=self.pool.model_name(),
+                stale=stale,
             )
             commit(entry.state, parent, children)
             return completion

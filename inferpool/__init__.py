@@ -14,6 +14,7 @@ from inferpool.errors import (
     SessionError,
     SessionExpiredError,
     SessionNotFoundError,
+    StaleSessionError,
 )
 from inferpool.openai_types import ChatCompletion, Completion
 from inferpool.pool import Pool
@@ -69,6 +70,7 @@ __all__ = [
     "SessionExpiredError",
     "SessionNotFoundError",
     "SessionState",
+    "StaleSessionError",
     "__version__",
     "tiny_model",
 ]

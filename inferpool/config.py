@@ -119,7 +119,15 @@ class RouterConfig(ConfigModel):
     unhealthy_after: int = Field(1, ge=1, description="Consecutive failed checks that mark an engine unhealthy.")
     max_attempts: int = Field(3, ge=1, description="Total attempts per request across engines for retryable faults.")
     max_staleness: int | None = Field(
-        None, ge=0, description="Reject session turns whose earliest tokens are this many versions old."
+        None,
+        ge=0,
+        description="Bound, in weight updates, on how old a session's earlier sampled tokens may be when a "
+        "turn extends them. None: no bound.",
+    )
+    staleness_policy: Literal["reject", "requeue"] = Field(
+        "reject",
+        description="A turn past max_staleness: 'reject' raises StaleSessionError; 'requeue' runs the turn "
+        "again from the messages under the current weights (a fresh prompt, the stale sequence kept).",
     )
 
 

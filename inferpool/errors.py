@@ -13,7 +13,8 @@ Every error inferpool raises on purpose derives from :class:`InferpoolError`::
     │   └── BackendError           the backend raised while generating
     └── SessionError           a managed session could not be used
         ├── SessionNotFoundError
-        └── SessionExpiredError
+        ├── SessionExpiredError
+        └── StaleSessionError  earlier tokens are older than RouterConfig.max_staleness
 
 Errors keep the name of the offending field (``field``) where there is one, and
 whether retrying on another engine may help (``retryable``). They pickle cleanly, so
@@ -92,3 +93,7 @@ class SessionNotFoundError(SessionError):
 
 class SessionExpiredError(SessionError):
     """The session was evicted after its idle TTL."""
+
+
+class StaleSessionError(SessionError):
+    """A session turn would extend tokens sampled too many weight versions ago."""

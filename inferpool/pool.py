@@ -28,6 +28,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from inferpool._ray import await_ref, ensure_ray, get_ref
+from inferpool.actors.backends.base import PauseMode
 from inferpool.actors.engine import engine_actor_class, engine_actor_options
 from inferpool.chat import ChatRenderer
 from inferpool.config import EngineConfig, PoolConfig
@@ -622,6 +623,94 @@ class Pool:
         ids = await self._validate_prompt(ids, SamplingParams())
         out: PromptLogprobs = await self._on_engine(lambda h: h.prompt_logprobs.remote(ids, top_k), split)
         return out.to_dict()
+
+    # -- RL lifecycle -------------------------------------------------------------------
+    async def _engine_handles(self) -> dict[str, Any]:
+        self._handles = await await_ref(self._router.engines.remote(), _CONTROL_TIMEOUT_S, "router")
+        return self._handles
+
+    async def _broadcast(self, what: str, call: Any, timeout_s: float) -> dict[str, Any]:
+        handles = await self._engine_handles()
+        outs = await asyncio.gather(
+            *(await_ref(call(h), timeout_s, f"engine {eid} {what}") for eid, h in handles.items())
+        )
+        return dict(zip(handles, outs, strict=True))
+
+    async def update_weights(
+        self,
+        weights: Any,
+        version: int | str | None = None,
+        *,
+        chunk_bytes: int = 256 << 20,
+        pause_mode: PauseMode | None = "keep",
+        timeout_s: float = 1800.0,
+    ) -> dict[str, Any]:
+        """Push new weights to every engine through the Ray object store.
+
+        ``weights``: a state dict, an iterable of ``(name, tensor)``, or an ObjectRef to
+        either. Tensors are put in chunks of at most ``chunk_bytes`` (one ``ray.put`` each);
+        every engine fetches and loads one chunk at a time, so peak memory stays bounded.
+        Generation pauses with ``pause_mode`` during the load, so every sampled token's
+        weight version is exact; the prefix cache is reset. Returns bytes and seconds.
+        """
+        if chunk_bytes < 1:
+            raise RequestError(f"chunk_bytes: must be >= 1, got {chunk_bytes}", field="chunk_bytes")
+        t0 = time.perf_counter()
+        if isinstance(weights, ray.ObjectRef):
+            refs, nbytes = [weights], 0
+        else:
+            refs, nbytes = self._put_chunks(weights, chunk_bytes)
+        label: int | str = await await_ref(self._router.record_version.remote(version), _CONTROL_TIMEOUT_S, "router")
+        per_engine = await self._broadcast(
+            "update_weights", lambda h: h.update_weights.remote(refs, label, pause_mode), timeout_s
+        )
+        seconds = time.perf_counter() - t0
+        nbytes = nbytes or max((r["bytes"] for r in per_engine.values()), default=0)
+        return {"version": label, "bytes": nbytes, "seconds": seconds, "chunks": len(refs), "engines": per_engine}
+
+    @staticmethod
+    def _put_chunks(weights: Any, chunk_bytes: int) -> tuple[list[ray.ObjectRef], int]:
+        items = weights.items() if hasattr(weights, "items") else weights
+        refs: list[ray.ObjectRef] = []
+        chunk: list[tuple[str, Any]] = []
+        size = total = 0
+        for pair in items:
+            try:
+                name, tensor = pair
+            except (TypeError, ValueError):
+                raise RequestError("weights: expected a state dict or (name, tensor) pairs", field="weights") from None
+            nb = int(getattr(tensor, "nbytes", 0))
+            if chunk and size + nb > chunk_bytes:
+                refs.append(ray.put(chunk))
+                chunk, size = [], 0
+            chunk.append((str(name), tensor))
+            size += nb
+            total += nb
+        if chunk:
+            refs.append(ray.put(chunk))
+        if not refs:
+            raise RequestError("weights: no tensors given", field="weights")
+        return refs, total
+
+    async def pause(self, mode: PauseMode = "keep") -> None:
+        """Pause every engine: ``abort`` in-flight requests (finish 'abort'), ``wait`` for them
+        to drain, or ``keep`` them frozen until resume. New requests wait meanwhile."""
+        if mode not in ("abort", "wait", "keep"):
+            raise RequestError(f"mode: must be abort, wait or keep, got {mode!r}", field="mode")
+        await self._broadcast("pause", lambda h: h.pause.remote(mode), self._timeout(""))
+
+    async def resume(self) -> None:
+        await self._broadcast("resume", lambda h: h.resume.remote(), _CONTROL_TIMEOUT_S)
+
+    async def sleep(self, level: int = 1) -> None:
+        """Release accelerator memory (weights and KV cache at level 2; KV cache at level 1)."""
+        await self._broadcast("sleep", lambda h: h.sleep.remote(level), _CONTROL_TIMEOUT_S * 5)
+
+    async def wake(self, tags: list[str] | None = None) -> None:
+        await self._broadcast("wake", lambda h: h.wake.remote(tags), _CONTROL_TIMEOUT_S * 5)
+
+    async def reset_prefix_cache(self) -> None:
+        await self._broadcast("reset_prefix_cache", lambda h: h.reset_prefix_cache.remote(), _CONTROL_TIMEOUT_S)
 
     # -- operations ------------------------------------------------------------------
     def engine_ids(self) -> list[str]:

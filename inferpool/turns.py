@@ -8,7 +8,7 @@ turn succeeded, so a failed turn leaves the state unchanged).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from inferpool.chat import ChatRenderer, message_key, validate_messages
@@ -135,6 +135,7 @@ async def chat_turn(
     state: SessionState | None = None,
     split: Split = "train",
     model_name: str = "",
+    stale: Callable[[SequenceNode], bool] | None = None,
 ) -> tuple[ChatCompletion, SequenceNode | None, list[SequenceNode]]:
     """Run one chat turn; with ``state`` the prompt extends the longest matching sequence."""
     msgs = validate_messages(messages)
@@ -144,6 +145,8 @@ async def chat_turn(
     parent, stored = (None, 0)
     if state is not None:
         parent, stored = longest_message_prefix(state.nodes, [message_key(m) for m in msgs])
+    if parent is not None and stale is not None and stale(parent):
+        parent = None  # requeued: a fresh prompt under the current weights
     if parent is not None:
         suffix_text = renderer.suffix(msgs, stored, parent.ended_with_eos, tools=tools, template_kwargs=kwargs)
         prefix = Prefix(parent, renderer.encode(suffix_text), suffix_text)
@@ -214,12 +217,15 @@ async def completion_turn(
     state: SessionState | None = None,
     split: Split = "train",
     model_name: str = "",
+    stale: Callable[[SequenceNode], bool] | None = None,
 ) -> tuple[Completion, SequenceNode | None, list[SequenceNode]]:
     """Run one completion turn; with ``state`` the prompt extends the longest text prefix."""
     if not isinstance(prompt, str) or not prompt:
         raise RequestError("prompt: must be a non-empty string", field="prompt")
     sp = sampling_from(n, sampling or {})
     parent = longest_text_prefix(state.nodes, prompt) if state is not None else None
+    if parent is not None and stale is not None and stale(parent):
+        parent = None
     suffix_text = prompt[len(parent.match_text or "") :] if parent is not None else prompt
     prefix = Prefix(parent, renderer.encode(suffix_text) if suffix_text else [], suffix_text)
     if not prefix.prompt_ids():

@@ -124,6 +124,9 @@ class EngineStats:
     kv_cache_usage: float | None = None
     prefix_cache_hit_rate: float | None = None
     weight_version: int | str | None = None
+    weight_updates: int = 0
+    last_update_bytes: int = 0
+    last_update_s: float = 0.0
     uptime_s: float = 0.0
 
 

@@ -62,6 +62,7 @@ class Router:
         self._changed: asyncio.Condition | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._stores: list[Any] = []
+        self._versions: dict[str, int] = {"0": 0}  # weight version label -> update index
         self.decisions = 0
 
     # -- registry ---------------------------------------------------------------------
@@ -122,6 +123,17 @@ class Router:
     def stores(self) -> list[Any]:
         return self._stores
 
+    def record_version(self, version: int | str | None) -> int | str:
+        """Register a weight update; returns its label (its index when ``version`` is None)."""
+        index = len(self._versions)
+        label = index if version is None else version
+        self._versions[str(label)] = index
+        return label
+
+    def versions(self) -> dict[str, int]:
+        """Weight version label -> update index, for staleness bounds."""
+        return dict(self._versions)
+
     # -- leases -----------------------------------------------------------------------
     def _try_reserve(self, request: RouteRequest) -> Lease | None:
         slots = [e.slot for e in self._engines.values()]
@@ -141,9 +153,7 @@ class Router:
         return lease
 
     def _no_slot_error(self, request: RouteRequest, waited: float) -> Exception:
-        healthy = [
-            e for e in self._engines.values() if e.slot.healthy and e.slot.engine_id not in request.exclude
-        ]
+        healthy = [e for e in self._engines.values() if e.slot.healthy and e.slot.engine_id not in request.exclude]
         if not healthy:
             states = (
                 ", ".join(

@@ -15,6 +15,11 @@ if TYPE_CHECKING:
 _REGISTRY: dict[str, tuple[str, str]] = {
     "fake": ("inferpool.actors.backends.fake", "FakeBackend"),
     "vllm": ("inferpool.actors.backends.vllm", "VLLMBackend"),
+    "sglang": ("inferpool.actors.backends.sglang", "SGLangBackend"),
+    "openai": ("inferpool.actors.backends.openai_api", "OpenAIBackend"),
+    "vllm_http": ("inferpool.actors.backends.vllm_http", "VLLMHTTPBackend"),
+    "sglang_http": ("inferpool.actors.backends.sglang_http", "SGLangHTTPBackend"),
+    "trl_http": ("inferpool.actors.backends.trl_http", "TRLHTTPBackend"),
 }
 
 

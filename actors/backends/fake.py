@@ -62,16 +62,14 @@ class FakeBackend(BaseBackend):
     """Deterministic fake engine."""
 
     name = "fake"
-    control_methods = frozenset({"inject_fault", "set_latency"})
+    control_methods = frozenset({"inject_fault", "set_latency", "progress"})
 
     def __init__(self, config: EngineConfig, engine_id: str) -> None:
         self.config = config
         self.engine_id = engine_id
         self.options = FakeEngineOptions.parse(config.engine_kwargs)
         self.eos_token_id = (
-            self.options.eos_token_id
-            if self.options.eos_token_id is not None
-            else self.options.vocab_size - 1
+            self.options.eos_token_id if self.options.eos_token_id is not None else self.options.vocab_size - 1
         )
         self._rng = random.Random(config.seed)
         self._served = 0
@@ -88,6 +86,9 @@ class FakeBackend(BaseBackend):
         self._sem: asyncio.Semaphore | None = None
         self.weight_version: int | str | None = 0
         self.sleeping = False
+        self.loaded_bytes = 0
+        self.loaded_tensors = 0
+        self.decode_steps = 0
 
     async def start(self) -> EngineInfo:
         if self.options.max_concurrency:
@@ -117,6 +118,10 @@ class FakeBackend(BaseBackend):
                 "decode_latency_per_token_s": decode_latency_per_token_s,
             }
         )
+
+    def progress(self) -> int:
+        """Decode steps taken so far (tests wait on it instead of sleeping)."""
+        return self.decode_steps
 
     def _take_fault(self) -> FaultMode:
         if self._fault == "none" or self._served < self._fault_after or self._faults_left == 0:
@@ -219,9 +224,15 @@ class FakeBackend(BaseBackend):
             )
         decode_steps = max((len(c.token_ids) for c in choices), default=0)
         if opts.decode_latency_per_token_s and decode_steps:
-            for _ in range(decode_steps):
+            for step in range(decode_steps):
                 await self._running.wait()
                 await asyncio.sleep(opts.decode_latency_per_token_s)
+                self.decode_steps += 1
+                for c in choices:  # the token at this step comes from the weights loaded now
+                    if step < len(c.weight_versions):
+                        c.weight_versions[step] = self.weight_version
+            for c in choices:
+                c.weight_version = c.weight_versions[-1] if c.weight_versions else self.weight_version
         return choices
 
     async def abort(self, request_id: str) -> None:
@@ -231,7 +242,13 @@ class FakeBackend(BaseBackend):
             task.cancel()
 
     async def backend_stats(self) -> dict[str, Any]:
-        return {"queue_len": 0, "weight_version": self.weight_version, "sleeping": self.sleeping}
+        return {
+            "queue_len": 0,
+            "weight_version": self.weight_version,
+            "sleeping": self.sleeping,
+            "loaded_bytes": self.loaded_bytes,
+            "loaded_tensors": self.loaded_tensors,
+        }
 
     # -- lifecycle --------------------------------------------------------------------
     async def pause(self, mode: PauseMode) -> None:
@@ -258,3 +275,10 @@ class FakeBackend(BaseBackend):
 
     async def reset_prefix_cache(self) -> None:
         return None
+
+    async def load_weights(self, named_tensors: list[tuple[str, Any]]) -> int:
+        """Pretend to load: counts tensors and bytes (tests check what arrived)."""
+        for _, tensor in named_tensors:
+            self.loaded_bytes += int(getattr(tensor, "nbytes", 0))
+        self.loaded_tensors += len(named_tensors)
+        return len(named_tensors)

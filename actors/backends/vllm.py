@@ -9,16 +9,25 @@ finish reason out. The engine core runs in vLLM's own subprocess or in this proc
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from inferpool.actors.backends.base import BaseBackend, PauseMode
 from inferpool.config import EngineConfig
-from inferpool.errors import BackendError, ConfigError
-from inferpool.types import Choice, EngineInfo, GenerateRequest, GenerateResult, SamplingParams
+from inferpool.errors import BackendError, ConfigError, RequestError
+from inferpool.types import (
+    Choice,
+    EngineInfo,
+    GenerateRequest,
+    GenerateResult,
+    PromptLogprobs,
+    SamplingParams,
+)
 
 logger = logging.getLogger(__name__)
 
 _CPU_DEFAULTS: dict[str, Any] = {"gpu_memory_utilization": 0.1, "max_model_len": 4096}
+_WORKER_EXTENSION = "inferpool.actors.backends.vllm_worker.InferpoolWorkerExtension"
 
 
 def _has_gpu() -> bool:
@@ -73,6 +82,37 @@ def sampled_logprobs(
     return values, tops
 
 
+def build_prompt_logprobs(
+    prompt: list[int], positions: list[dict[int, float] | None], k: int, source: str
+) -> PromptLogprobs:
+    """Exactly ``k`` (token id, logprob) pairs per prompt position ``i >= 1``, best first.
+
+    ``positions[i]`` maps candidate ids to logprobs; it may hold ``k + 1`` entries (the
+    actual prompt token when it is outside the top k): the top ``k`` by logprob are kept.
+    Position 0 (nothing precedes it) gets empty lists.
+    """
+    if len(positions) != len(prompt):
+        raise BackendError(f"{source}: prompt logprobs for {len(positions)} positions, prompt has {len(prompt)}")
+    top_ids: list[list[int]] = [[]]
+    top_lps: list[list[float]] = [[]]
+    for i in range(1, len(prompt)):
+        pos = positions[i] or {}
+        if len(pos) < k:
+            raise BackendError(f"{source}: prompt position {i} has {len(pos)} logprobs, expected {k}")
+        ranked = sorted(pos.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        top_ids.append([int(t) for t, _ in ranked])
+        top_lps.append([float(lp) for _, lp in ranked])
+    return PromptLogprobs(prompt_tokens=list(prompt), prompt_topk_token_ids=top_ids, prompt_topk_logprobs=top_lps)
+
+
+def check_top_k(prompt_token_ids: list[int], top_k: int) -> None:
+    """Reject bad scoring input before any HTTP call (RequestError, not retried)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise RequestError(f"top_k: must be an integer >= 1, got {top_k!r}", field="top_k")
+    if not prompt_token_ids:
+        raise RequestError("prompt_token_ids: the prompt is empty", field="prompt_token_ids")
+
+
 class VLLMBackend(BaseBackend):
     """vLLM ``AsyncLLM`` in-process."""
 
@@ -83,6 +123,9 @@ class VLLMBackend(BaseBackend):
         self.engine_id = engine_id
         self.engine: Any = None
         self.weight_version: int | str | None = 0
+        self._initial_version: int | str | None = 0
+        self._labels: dict[str, int | str] = {}
+        self._pending_chunks = 0
         self._model = ""
 
     def _engine_args(self) -> Any:
@@ -101,6 +144,7 @@ class VLLMBackend(BaseBackend):
             seed=self.config.seed,
             dtype=self.config.dtype or ("auto" if gpu else "float32"),
             disable_log_stats=True,
+            worker_extension_cls=_WORKER_EXTENSION,
         )
         kwargs.update(self.config.engine_kwargs)
         try:
@@ -125,6 +169,7 @@ class VLLMBackend(BaseBackend):
             vocab_size=int(model_config.get_vocab_size()),
             max_model_len=int(model_config.max_model_len),
             eos_token_id=eos,
+            supports_prompt_logprobs=True,
         )
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
@@ -143,6 +188,7 @@ class VLLMBackend(BaseBackend):
         for c in final.outputs:
             token_ids = list(c.token_ids)
             logprobs, tops = sampled_logprobs(token_ids, c.logprobs, request.sampling.logprobs)
+            versions = self._token_versions(c, len(token_ids))
             choices.append(
                 Choice(
                     index=request.choice_offset + c.index,
@@ -151,8 +197,8 @@ class VLLMBackend(BaseBackend):
                     finish_reason=c.finish_reason or "abort",
                     text=c.text,
                     stop_reason=c.stop_reason,
-                    weight_version=version,
-                    weight_versions=[version] * len(token_ids),
+                    weight_version=versions[-1] if versions else version,
+                    weight_versions=versions,
                     top_logprobs=tops,
                 )
             )
@@ -163,6 +209,65 @@ class VLLMBackend(BaseBackend):
             choices=choices,
             engine_id=self.engine_id,
         )
+
+    async def prompt_logprobs(self, prompt_token_ids: list[int], top_k: int) -> PromptLogprobs:
+        """Top-k logprobs at every prompt position: ``SamplingParams(prompt_logprobs=k, max_tokens=1)``.
+
+        vLLM reports k entries per position plus the actual prompt token when it is not
+        among them; the top k by logprob are kept. Position 0 has empty lists.
+        """
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        check_top_k(prompt_token_ids, top_k)
+        ids = [int(t) for t in prompt_token_ids]
+        sp = VSamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=top_k, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        final = None
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), sp, f"score-{uuid.uuid4().hex}"):
+            final = out
+        if final is None or final.prompt_logprobs is None:
+            raise BackendError("vLLM returned no prompt logprobs although they were requested")
+        positions = [
+            None if pos is None else {int(t): float(lp.logprob) for t, lp in pos.items()}
+            for pos in final.prompt_logprobs
+        ]
+        return build_prompt_logprobs(ids, positions, top_k, f"vLLM engine {self.engine_id}")
+
+    def _token_versions(self, output: Any, n: int) -> list[int | str | None]:
+        """Per-token weight versions from vLLM's version spans (exact across an update)."""
+        spans = getattr(output, "weight_versions", None)
+        if not spans:
+            return [self.weight_version] * n
+        versions: list[int | str | None] = [self.weight_version] * n
+        for span in spans:
+            label = self._labels.get(str(span.version), self._initial_version)
+            for i in range(max(0, span.start), min(n, span.end)):
+                versions[i] = label
+        return versions
+
+    async def load_weights(self, named_tensors: list[tuple[str, Any]]) -> int:
+        """Send a chunk to the workers; they reload in place when the version is set."""
+        from inferpool.actors.backends.vllm_worker import pack_tensors
+
+        counts = await self.engine.collective_rpc(
+            "inferpool_load_weights", args=(pack_tensors(named_tensors), False)
+        )
+        self._pending_chunks += 1
+        return len(named_tensors) if counts else 0
+
+    async def set_weight_version(self, version: int | str) -> None:
+        if self._pending_chunks:
+            from inferpool.actors.backends.vllm_worker import pack_tensors
+
+            await self.engine.collective_rpc("inferpool_load_weights", args=(pack_tensors([]), True))
+            self._pending_chunks = 0
+        self._labels[str(version)] = version
+        await self.engine.reset_prefix_cache()
+        await self.engine.update_weight_version(str(version))
+        self.weight_version = version
 
     async def abort(self, request_id: str) -> None:
         if self.engine is not None:

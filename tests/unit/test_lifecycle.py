@@ -1,0 +1,165 @@
+"""RL lifecycle on fake engines: weight updates with versions, pause modes, staleness.
+
+Run: pytest tests/unit/test_lifecycle.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+
+import inferpool as ip
+
+
+@pytest.fixture(scope="module")
+def slow_pool(ray_session: None, tiny_tokenizer_path: str) -> Iterator[ip.Pool]:
+    """One fake engine sampling slowly (20 ms per token), so requests stay in flight."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_path)
+    pool = ip.Pool.start(
+        ip.PoolConfig(
+            name="unit-lifecycle",
+            engines=[
+                ip.EngineConfig(
+                    backend="fake",
+                    tokenizer=tiny_tokenizer_path,
+                    engine_kwargs={
+                        "vocab_size": len(tok),
+                        "eos_token_id": tok.eos_token_id,
+                        "decode_latency_per_token_s": 0.02,
+                    },
+                )
+            ],
+            router=ip.RouterConfig(acquire_timeout_s=10, max_staleness=1, staleness_policy="reject"),
+        )
+    )
+    yield pool
+    pool.shutdown()
+
+
+async def wait_in_flight(pool: ip.Pool, count: int = 1, deadline_s: float = 10.0) -> None:
+    """Poll the engines until ``count`` requests are in flight (bounded)."""
+    handles = [pool.engine_handle(e) for e in pool.engine_ids()]
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        stats = await asyncio.gather(*(h.stats.remote() for h in handles))
+        if sum(s.in_flight for s in stats) >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("requests never got in flight")
+
+
+def weights(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"layer{i}.weight": rng.standard_normal((64, 64)).astype(np.float32) for i in range(6)}
+
+
+async def test_update_weights_through_object_store_in_chunks(slow_pool: ip.Pool) -> None:
+    w = weights(0)
+    out = await slow_pool.update_weights(w, version="step-1", chunk_bytes=64 * 64 * 4 * 2)
+    assert out["version"] == "step-1"
+    assert out["chunks"] == 3
+    assert out["bytes"] == sum(a.nbytes for a in w.values())
+    engine = slow_pool.stats()["engines"][slow_pool.engine_ids()[0]]
+    assert engine["weight_version"] == "step-1"
+    assert engine["weight_updates"] >= 1 and engine["last_update_bytes"] == out["bytes"]
+    res = await slow_pool.generate([1, 2, 3], ip.SamplingParams(max_tokens=2))
+    assert res.choices[0].weight_versions == ["step-1", "step-1"]
+
+
+async def test_update_from_an_object_ref(slow_pool: ip.Pool) -> None:
+    ref = ray.put(list(weights(1).items()))
+    out = await slow_pool.update_weights(ref, version="step-ref")
+    assert out["engines"][slow_pool.engine_ids()[0]]["tensors"] == 6
+
+
+async def test_bad_weights_are_a_request_error(slow_pool: ip.Pool) -> None:
+    with pytest.raises(ip.RequestError, match="weights"):
+        await slow_pool.update_weights([1, 2, 3])
+    with pytest.raises(ip.RequestError, match="weights"):
+        await slow_pool.update_weights({})
+
+
+async def test_request_spanning_an_update_reports_the_mix(slow_pool: ip.Pool) -> None:
+    await slow_pool.update_weights(weights(2), version="before")
+    handle = slow_pool.engine_handle(slow_pool.engine_ids()[0])
+    start = await handle.control.remote("progress")
+    task = asyncio.ensure_future(slow_pool.generate([5, 6], ip.SamplingParams(max_tokens=40)))
+    end = time.monotonic() + 10
+    while await handle.control.remote("progress") < start + 3 and time.monotonic() < end:
+        await asyncio.sleep(0.005)  # poll (bounded) until a few tokens were sampled
+    await slow_pool.update_weights(weights(3), version="after")
+    res = await task
+    versions = res.choices[0].weight_versions
+    assert versions[0] == "before" and versions[-1] == "after"
+    cut = versions.index("after")
+    assert set(versions[:cut]) == {"before"} and set(versions[cut:]) == {"after"}
+    assert res.choices[0].weight_version == "after"
+
+
+async def test_pause_abort_ends_in_flight_requests_with_abort(slow_pool: ip.Pool) -> None:
+    task = asyncio.ensure_future(slow_pool.generate([7, 8], ip.SamplingParams(max_tokens=200)))
+    await wait_in_flight(slow_pool)
+    await slow_pool.pause("abort")
+    res = await asyncio.wait_for(task, 10)
+    assert res.choices[0].finish_reason == "abort"
+    await slow_pool.resume()
+    after = await slow_pool.generate([7, 8], ip.SamplingParams(max_tokens=3))
+    assert after.choices[0].finish_reason == "length"
+
+
+async def test_pause_wait_drains_and_holds_new_requests(slow_pool: ip.Pool) -> None:
+    task = asyncio.ensure_future(slow_pool.generate([9], ip.SamplingParams(max_tokens=10)))
+    await wait_in_flight(slow_pool)
+    await slow_pool.pause("wait")
+    handle = slow_pool.engine_handle(slow_pool.engine_ids()[0])
+    assert (await handle.stats.remote()).in_flight == 0  # drained before pause returned
+    assert (await asyncio.wait_for(task, 10)).choices[0].finish_reason == "length"
+    held = asyncio.ensure_future(slow_pool.generate([9], ip.SamplingParams(max_tokens=2)))
+    done, _ = await asyncio.wait({held}, timeout=0.3)
+    assert not done  # new requests wait while paused
+    await slow_pool.resume()
+    assert (await asyncio.wait_for(held, 10)).choices[0].finish_reason == "length"
+
+
+async def test_pause_keep_freezes_and_resume_continues(slow_pool: ip.Pool) -> None:
+    task = asyncio.ensure_future(slow_pool.generate([10], ip.SamplingParams(max_tokens=15)))
+    await wait_in_flight(slow_pool)
+    await slow_pool.pause("keep")
+    done, _ = await asyncio.wait({task}, timeout=0.5)
+    assert not done  # frozen, not aborted
+    await slow_pool.resume()
+    res = await asyncio.wait_for(task, 10)
+    assert res.choices[0].finish_reason == "length" and len(res.choices[0].token_ids) == 15
+
+
+async def test_sleep_and_wake_reach_the_engines(slow_pool: ip.Pool) -> None:
+    await slow_pool.sleep(level=1)
+    assert all(e["error"] if "error" in e else True for e in slow_pool.stats()["engines"].values())
+    await slow_pool.wake()
+    await slow_pool.reset_prefix_cache()
+
+
+async def test_staleness_bound_rejects_old_sessions(slow_pool: ip.Pool) -> None:
+    async with slow_pool.session() as s:
+        msgs: list[dict[str, Any]] = [{"role": "user", "content": "stale?"}]
+        out = await s.chat(msgs, max_tokens=3)
+        msgs += [out.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "next"}]
+        await slow_pool.update_weights(weights(4), version="s1")
+        out2 = await s.chat(msgs, max_tokens=3)  # one update old: within max_staleness=1
+        msgs += [out2.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "z"}]
+        await slow_pool.update_weights(weights(5), version="s2")
+        await slow_pool.update_weights(weights(6), version="s3")
+        with pytest.raises(ip.StaleSessionError, match="max_staleness"):
+            await s.chat(msgs, max_tokens=3)
+        state = await s.state()
+        first = state.nodes[0]
+        sampled_versions = [v for v, t in zip(first.weight_versions, first.trainable, strict=True) if t]
+        assert sampled_versions[0] != sampled_versions[-1]  # the node holds both versions
