@@ -123,9 +123,10 @@ class EngineActor:
 
     # -- health and stats ---------------------------------------------------------------
     async def health(self) -> bool:
-        """Cheap liveness check (no generation); raises if the backend cannot serve."""
+        """Cheap liveness check (no generation): False when the backend is not started (e.g. the
+        actor was restarted by Ray); raises if the backend cannot serve."""
         if self.info is None:
-            raise EngineError(f"engine {self.engine_id} was not started")
+            return False
         await self.backend.health()
         return True
 
@@ -221,7 +222,8 @@ def engine_actor_options(config: EngineConfig, name: str, namespace: str, detach
         "num_cpus": config.resolved_num_cpus(),
         "num_gpus": config.num_gpus,
         "max_concurrency": 100_000,
-        "max_restarts": 0,
+        "max_restarts": config.max_restarts,
+        "max_task_retries": 0,
         "runtime_env": {"env_vars": env},
     }
 

@@ -61,6 +61,10 @@ class EngineConfig(ConfigModel):
         600.0, gt=0, description="A generate call that takes longer is aborted and reported as a timeout."
     )
     start_timeout_s: float = Field(600.0, gt=0, description="How long an engine may take to start.")
+    max_restarts: int = Field(
+        3, ge=-1, description="Ray restarts of a dead engine actor (-1: unlimited); the router's probes "
+        "restart its backend and route to it again.",
+    )
     base_url: str | None = Field(None, description="Remote backends: the server's base URL.")
     api_key: str | None = Field(None, description="Remote backends: bearer token.")
     provider: str | None = Field(
@@ -104,6 +108,25 @@ class RouterConfig(ConfigModel):
         ge=0,
         description="Slots per engine reserved for eval requests: eval uses only these, train uses "
         "the rest, so train never takes capacity eval needs.",
+    )
+    affinity_abs_threshold: int = Field(
+        32,
+        ge=0,
+        description="session_affinity/prefix_aware: leave the preferred engine only when it holds "
+        "more than this many requests above the least-loaded one ...",
+    )
+    affinity_rel_threshold: float = Field(
+        0.5, ge=0.0, description="... and at least (1 + this) times its load (both thresholds must pass)."
+    )
+    prefix_block_size: int = Field(16, ge=1, description="prefix_aware: tokens per hashed block.")
+    prefix_match_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="prefix_aware: minimum share of the prompt's blocks an engine must hold."
+    )
+    prefix_max_blocks_per_engine: int = Field(
+        50_000, ge=1, description="prefix_aware: bound of the per-engine prefix index (LRU eviction)."
+    )
+    route_prefix_tokens: int = Field(
+        4096, ge=0, description="How many leading prompt tokens the router sees for prefix-aware routing."
     )
     max_n_per_request: int = Field(
         8, ge=1, description="Requests with larger n are split into sub-requests of at most this n."

@@ -34,6 +34,7 @@ from inferpool.chat import ChatRenderer
 from inferpool.config import EngineConfig, PoolConfig
 from inferpool.errors import (
     ConfigError,
+    EngineDeadError,
     EngineError,
     InferpoolError,
     NoHealthyEngineError,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _CONTROL_TIMEOUT_S = 60.0
+_ROUTER_RESTART_S = 30.0  # how long callers wait for a restarted router
 _RENDERER_LOCK = threading.Lock()  # transformers' lazy imports are not thread-safe
 
 
@@ -292,8 +294,13 @@ class Pool:
         split: Split = "train",
         session_id: str | None = None,
         timeout_s: float | None = None,
+        workload: str | None = None,
     ) -> GenerateResult:
-        """Token-in / token-out generation of ``sampling.n`` choices for one prompt."""
+        """Token-in / token-out generation of ``sampling.n`` choices for one prompt.
+
+        ``workload`` names the caller's workload (e.g. an environment) for per-workload
+        capacity weights (:meth:`set_workload_weight`).
+        """
         sp = self._sampling(sampling)
         split = self._split(split)
         ids = await self._validate_prompt(prompt_token_ids, sp)
@@ -308,6 +315,7 @@ class Pool:
                 split=split,
                 session_id=session_id,
                 choice_offset=offset,
+                workload=workload,
             )
             for k, (offset, size) in enumerate(parts)
         ]
@@ -323,21 +331,20 @@ class Pool:
         last_error: InferpoolError | None = None
         for attempt in range(1, attempts + 1):
             try:
-                lease: Lease = await await_ref(
-                    self._router.acquire.remote(
-                        request.split, request.session_id, request.prompt_token_ids[:256], exclude
-                    ),
-                    self.config.router.acquire_timeout_s + 10,
-                    "router acquire",
-                )
+                lease = await self._acquire(request, exclude)
             except NoHealthyEngineError:
                 if last_error is not None:  # no engine left to retry on: surface the original
                     raise last_error from None
                 raise
+            ok = False
             try:
                 handle = await self._handle(lease.engine_id)
                 timeout = timeout_s or self._timeout(lease.engine_id)
-                return await await_ref(handle.generate.remote(request), timeout, f"engine {lease.engine_id}")
+                result: GenerateResult = await await_ref(
+                    handle.generate.remote(request), timeout, f"engine {lease.engine_id}"
+                )
+                ok = True
+                return result
             except InferpoolError as exc:
                 if not exc.retryable or attempt == attempts:
                     raise
@@ -353,8 +360,34 @@ class Pool:
                 exclude.append(lease.engine_id)
                 last_error = exc
             finally:
-                await self._release(self._router.release.remote(lease.lease_id))
+                await self._release(self._router.release.remote(lease.lease_id, ok, attempt))
         raise AssertionError("unreachable")
+
+    async def _acquire(self, request: GenerateRequest, exclude: list[str]) -> Lease:
+        """Lease a slot; if the router actor died, wait (bounded) for Ray to restart it."""
+        deadline = time.monotonic() + _ROUTER_RESTART_S
+        delay = 0.05
+        while True:
+            try:
+                lease: Lease = await await_ref(
+                    self._router.acquire.remote(
+                        request.split,
+                        request.session_id,
+                        request.prompt_token_ids[: self.config.router.route_prefix_tokens],
+                        exclude,
+                        None,
+                        request.workload,
+                    ),
+                    self.config.router.acquire_timeout_s + 10,
+                    "router acquire",
+                )
+                return lease
+            except EngineDeadError:
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning("router unavailable; retrying acquire in %.2fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     @staticmethod
     async def _release(ref: ray.ObjectRef) -> None:
@@ -441,7 +474,7 @@ class Pool:
             self._router.report_failure.remote(engine_id, str(exc))
             outs = [exc] * len(idx)
         finally:
-            await self._release(self._router.release_many.remote([lease.lease_id for lease in leases]))
+            await self._release(self._router.release_many.remote([lease.lease_id for lease in leases], True))
         retry = []
         for i, out in zip(idx, outs, strict=True):
             if isinstance(out, GenerateResult):
@@ -713,6 +746,14 @@ class Pool:
         await self._broadcast("reset_prefix_cache", lambda h: h.reset_prefix_cache.remote(), _CONTROL_TIMEOUT_S)
 
     # -- operations ------------------------------------------------------------------
+    def set_engine_weight(self, engine_id: str, weight: float) -> None:
+        """Scale one engine's usable capacity (0..1) at run time."""
+        get_ref(self._router.set_engine_weight.remote(engine_id, weight), _CONTROL_TIMEOUT_S, "router")
+
+    def set_workload_weight(self, workload: str, weight: float) -> None:
+        """Cap a workload's share (0..1) of capacity at run time; 0 parks it."""
+        get_ref(self._router.set_workload_weight.remote(workload, weight), _CONTROL_TIMEOUT_S, "router")
+
     def engine_ids(self) -> list[str]:
         return sorted(self._infos)
 
@@ -745,6 +786,7 @@ class Pool:
             "sessions": sessions,
             "router": {
                 "policy": self.config.router.policy,
+                "timings": get_ref(self._router.timing_summary.remote(), _CONTROL_TIMEOUT_S, "router"),
                 "leases": get_ref(self._router.num_leases.remote(), _CONTROL_TIMEOUT_S, "router"),
             },
         }

@@ -61,6 +61,7 @@ class GenerateRequest:
     split: Split = "train"
     session_id: str | None = None
     choice_offset: int = 0  # index of this request's first choice in the caller's merged result
+    workload: str | None = None
 
 
 @dataclasses.dataclass(slots=True)

@@ -24,9 +24,25 @@ import ray
 from inferpool.config import PoolConfig, RouterConfig
 from inferpool.errors import EngineOverloadedError, NoHealthyEngineError, RequestError
 from inferpool.routing.policy import EngineSlot, Policy, RouteRequest, make_policy
+from inferpool.routing.stats import RequestTimings
 from inferpool.types import EngineInfo, Split
 
 logger = logging.getLogger(__name__)
+
+
+def policy_options(config: RouterConfig) -> dict[str, Any]:
+    """The constructor options of the configured policy, from RouterConfig fields."""
+    if config.policy == "session_affinity":
+        return {"abs_threshold": config.affinity_abs_threshold, "rel_threshold": config.affinity_rel_threshold}
+    if config.policy == "prefix_aware":
+        return {
+            "block_size": config.prefix_block_size,
+            "match_threshold": config.prefix_match_threshold,
+            "max_blocks_per_engine": config.prefix_max_blocks_per_engine,
+            "abs_threshold": config.affinity_abs_threshold,
+            "rel_threshold": config.affinity_rel_threshold,
+        }
+    return {}
 
 
 @dataclasses.dataclass(slots=True)
@@ -37,6 +53,8 @@ class Lease:
     engine_id: str
     split: Split
     deadline: float
+    workload: str | None = None
+    started: float = 0.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -55,7 +73,10 @@ class Router:
     def __init__(self, config: RouterConfig, pool_config: PoolConfig | None = None) -> None:
         self.config = config
         self.pool_config = pool_config
-        self.policy: Policy = make_policy(config.policy)
+        self.policy: Policy = make_policy(config.policy, **policy_options(config))
+        self.timings = RequestTimings()
+        self._workload_weights: dict[str, float] = {}
+        self._workload_in_flight: dict[str, int] = {}
         self._engines: dict[str, _Engine] = {}
         self._leases: dict[int, Lease] = {}
         self._ids = itertools.count(1)
@@ -102,15 +123,17 @@ class Router:
         self._engines.pop(engine_id, None)
         await self._notify()
 
-    def engines(self) -> dict[str, Any]:
+    async def engines(self) -> dict[str, Any]:
         """engine_id -> actor handle."""
+        await self._ensure_started()
         return {eid: e.handle for eid, e in self._engines.items()}
 
     def engine_groups(self) -> dict[str, int]:
         """engine_id -> index of its group in PoolConfig.engines."""
         return {eid: e.group for eid, e in self._engines.items()}
 
-    def engine_infos(self) -> list[EngineInfo]:
+    async def engine_infos(self) -> list[EngineInfo]:
+        await self._ensure_started()
         return [e.info for e in self._engines.values()]
 
     def get_pool_config(self) -> PoolConfig | None:
@@ -120,7 +143,8 @@ class Router:
         """Remember the pool's SessionStore actor handles (shard order)."""
         self._stores = list(stores)
 
-    def stores(self) -> list[Any]:
+    async def stores(self) -> list[Any]:
+        await self._ensure_started()
         return self._stores
 
     def record_version(self, version: int | str | None) -> int | str:
@@ -135,12 +159,24 @@ class Router:
         return dict(self._versions)
 
     # -- leases -----------------------------------------------------------------------
-    def _try_reserve(self, request: RouteRequest) -> Lease | None:
+    def _workload_full(self, workload: str | None, split: Split) -> bool:
+        if workload is None or workload not in self._workload_weights:
+            return False
+        share = self._workload_weights[workload] * sum(
+            e.slot.limit(split) for e in self._engines.values() if e.slot.healthy
+        )
+        return self._workload_in_flight.get(workload, 0) >= int(share)
+
+    def _try_reserve(self, request: RouteRequest, workload: str | None = None) -> Lease | None:
+        if self._workload_full(workload, request.split):
+            return None
         slots = [e.slot for e in self._engines.values()]
         choice = self.policy.choose(slots, request)
         if choice is None:
             return None
         choice.reserve(request.split)
+        if workload is not None:
+            self._workload_in_flight[workload] = self._workload_in_flight.get(workload, 0) + 1
         self.policy.on_served(choice.engine_id, request)
         self.decisions += 1
         lease = Lease(
@@ -148,6 +184,8 @@ class Router:
             engine_id=choice.engine_id,
             split=request.split,
             deadline=time.monotonic() + self.config.lease_timeout_s,
+            workload=workload,
+            started=time.monotonic(),
         )
         self._leases[lease.lease_id] = lease
         return lease
@@ -175,9 +213,10 @@ class Router:
         prompt_token_ids: Sequence[int] | None = None,
         exclude: Sequence[str] = (),
         timeout_s: float | None = None,
+        workload: str | None = None,
     ) -> Lease:
         """Reserve a slot on the engine the policy picks; wait (bounded) for one."""
-        leases = await self.acquire_many(1, split, session_id, prompt_token_ids, exclude, timeout_s)
+        leases = await self.acquire_many(1, split, session_id, prompt_token_ids, exclude, timeout_s, workload)
         return leases[0]
 
     async def acquire_many(
@@ -188,8 +227,10 @@ class Router:
         prompt_token_ids: Sequence[int] | None = None,
         exclude: Sequence[str] = (),
         timeout_s: float | None = None,
+        workload: str | None = None,
     ) -> list[Lease]:
         """Reserve up to ``count`` slots (at least one), spread by the policy."""
+        await self._ensure_started()
         if split not in ("train", "eval"):
             raise RequestError(f"split: must be 'train' or 'eval', got {split!r}", field="split")
         if count < 1:
@@ -201,7 +242,7 @@ class Router:
         while True:
             leases: list[Lease] = []
             while len(leases) < count:
-                lease = self._try_reserve(request)
+                lease = self._try_reserve(request, workload)
                 if lease is None:
                     break
                 leases.append(lease)
@@ -211,6 +252,11 @@ class Router:
                 raise self._no_slot_error(request, time.monotonic() - start)  # waiting cannot help
             remaining = timeout - (time.monotonic() - start)
             if remaining <= 0:
+                if self._workload_full(workload, request.split):
+                    raise EngineOverloadedError(
+                        f"workload {workload!r} stayed at its capacity share "
+                        f"(weight {self._workload_weights.get(workload or '', 1.0)}) for {timeout:.1f}s"
+                    )
                 raise self._no_slot_error(request, time.monotonic() - start)
             async with cond:
                 try:
@@ -218,22 +264,49 @@ class Router:
                 except asyncio.TimeoutError:
                     pass
 
-    def _release_one(self, lease_id: int) -> bool:
+    def _release_one(self, lease_id: int, ok: bool = False, attempts: int = 1) -> bool:
         lease = self._leases.pop(lease_id, None)
         if lease is None:
             return False  # already released (idempotent)
         engine = self._engines.get(lease.engine_id)
         if engine is not None:
             engine.slot.release(lease.split)
+        if lease.workload is not None:
+            self._workload_in_flight[lease.workload] = max(0, self._workload_in_flight.get(lease.workload, 0) - 1)
+        if ok:
+            self.timings.record(lease.engine_id, time.monotonic() - lease.started, lease.split, attempts)
         return True
 
-    async def release(self, lease_id: int) -> None:
-        if self._release_one(lease_id):
+    async def release(self, lease_id: int, ok: bool = False, attempts: int = 1) -> None:
+        """Give the slot back (idempotent); ``ok`` records the request's time and attempts."""
+        if self._release_one(lease_id, ok, attempts):
             await self._notify()
 
-    async def release_many(self, lease_ids: Sequence[int]) -> None:
-        if any([self._release_one(lid) for lid in lease_ids]):
+    async def release_many(self, lease_ids: Sequence[int], ok: bool = False) -> None:
+        if any([self._release_one(lid, ok) for lid in lease_ids]):
             await self._notify()
+
+    # -- weights ----------------------------------------------------------------------
+    async def set_engine_weight(self, engine_id: str, weight: float) -> None:
+        """Scale an engine's usable capacity (0..1); 0 parks it without dropping in-flight work."""
+        if not 0.0 <= weight <= 1.0:
+            raise RequestError(f"weight: must be within [0, 1], got {weight}", field="weight")
+        engine = self._engines.get(engine_id)
+        if engine is None:
+            raise RequestError(f"engine_id: no engine {engine_id!r}", field="engine_id")
+        engine.slot.weight = weight
+        await self._notify()
+
+    async def set_workload_weight(self, workload: str, weight: float) -> None:
+        """Cap a workload's share (0..1) of the pool's capacity; 0 parks it (its callers wait,
+        bounded, while every other workload keeps running)."""
+        if not 0.0 <= weight <= 1.0:
+            raise RequestError(f"weight: must be within [0, 1], got {weight}", field="weight")
+        self._workload_weights[workload] = weight
+        await self._notify()
+
+    def timing_summary(self) -> dict[str, Any]:
+        return self.timings.summary()
 
     async def report_failure(self, engine_id: str, error: str) -> None:
         """A caller saw this engine die or hang: stop routing to it until a probe passes."""
@@ -246,13 +319,53 @@ class Router:
 
     # -- health -----------------------------------------------------------------------
     async def start(self) -> None:
-        """Start the background health checks (idempotent)."""
+        """Start the background health checks (idempotent). After a restart of the router
+        actor (Ray re-runs only the constructor) the first call also rebuilds the registry
+        from the pool's named engine and session-store actors."""
         if self._health_task is None or self._health_task.done():
             self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+            if not self._engines and self.pool_config is not None:
+                await self._rediscover()
+
+    async def _rediscover(self) -> None:
+        assert self.pool_config is not None
+        name, namespace = self.pool_config.name, self.pool_config.namespace
+        actors = await asyncio.wait_for(
+            asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True), self.config.health_timeout_s
+        )
+        engines, stores = [], []
+        for entry in actors:
+            if entry.get("namespace") != namespace:
+                continue
+            actor_name = entry.get("name", "")
+            if actor_name.startswith(f"{name}:engine:"):
+                engines.append(actor_name)
+            elif actor_name.startswith(f"{name}:sessions:"):
+                stores.append(actor_name)
+        for actor_name in engines:
+            try:
+                handle = await asyncio.to_thread(ray.get_actor, actor_name, namespace)
+                info = await asyncio.wait_for(_as_future(handle.get_info.remote()), self.config.health_timeout_s)
+            except Exception:  # an engine that is gone or broken stays out
+                logger.warning("router: could not re-register %s", actor_name, exc_info=True)
+                continue
+            if info is not None:
+                await self.register(info, handle)
+        if stores:
+            ordered = sorted(stores, key=lambda n: int(n.rsplit(":", 1)[1]))
+            self._stores = [await asyncio.to_thread(ray.get_actor, n, namespace) for n in ordered]
+        logger.info("router: rebuilt registry with %d engines and %d session stores", len(self._engines), len(stores))
+
+    async def _ensure_started(self) -> None:
+        if self._health_task is None:
+            await self.start()
 
     async def _probe(self, engine_id: str, engine: _Engine) -> None:
         try:
-            await asyncio.wait_for(_as_future(engine.handle.health.remote()), self.config.health_timeout_s)
+            healthy = await asyncio.wait_for(_as_future(engine.handle.health.remote()), self.config.health_timeout_s)
+            if healthy is False:  # the actor was restarted by Ray: load its backend again
+                logger.info("router: engine %s restarted; starting its backend", engine_id)
+                await asyncio.wait_for(_as_future(engine.handle.start.remote()), self.config.health_timeout_s * 30)
         except Exception as exc:  # any failure of the probe counts against the engine
             engine.failures += 1
             engine.last_error = f"health check failed: {type(exc).__name__}: {exc}"[:300]
@@ -320,4 +433,4 @@ def _as_future(ref: Any) -> Any:
     return ref
 
 
-RouterActor = ray.remote(num_cpus=0, max_restarts=0)(Router)
+RouterActor = ray.remote(num_cpus=0, max_restarts=-1)(Router)

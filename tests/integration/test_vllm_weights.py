@@ -43,8 +43,11 @@ def model_b(tmp_path_factory: pytest.TempPathFactory) -> str:
 async def test_update_weights_switches_logprobs_and_versions(
     vllm_pool: ip.Pool, tiny_model_path: str, model_b: str, tokenizer: Any
 ) -> None:
-    prompt = list(tokenizer.apply_chat_template([{"role": "user", "content": "weights"}],
-                                                add_generation_prompt=True, tokenize=True, return_dict=False))
+    prompt = list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "weights"}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
     greedy = ip.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     try:
         before = await vllm_pool.generate(prompt, greedy)
