@@ -20,6 +20,7 @@ from inferpool.actors.backends.base import EngineBackend, PauseMode
 from inferpool.config import EngineConfig
 from inferpool.errors import BackendError, EngineError, InferpoolError, RequestError
 from inferpool.log import setup_logging
+from inferpool.metrics import MetricsRegistry
 from inferpool.types import EngineInfo, EngineStats, GenerateRequest, GenerateResult, PromptLogprobs
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class EngineActor:
         self._in_flight: dict[str, float] = {}
         self._stats = EngineStats(engine_id=engine_id)
         self._started = time.monotonic()
+        self.metrics = MetricsRegistry()
 
     async def start(self) -> EngineInfo:
         """Start the backend (load the model); returns the engine's static facts."""
@@ -55,31 +57,44 @@ class EngineActor:
         """Serve one request. Errors leave as inferpool errors, never bare backend ones."""
         if self.info is None:
             raise EngineError(f"engine {self.engine_id} was not started")
-        self._in_flight[request.request_id] = time.monotonic()
+        t0 = time.monotonic()
+        self._in_flight[request.request_id] = t0
         self._stats.prompt_tokens += len(request.prompt_token_ids)
+        tags = {"engine": self.engine_id, "split": request.split}
+        self.metrics.inc("inferpool_requests_started_total", **tags)
+        self.metrics.inc("inferpool_prompt_tokens_total", len(request.prompt_token_ids), engine=self.engine_id)
+        self.metrics.set("inferpool_in_flight", len(self._in_flight), engine=self.engine_id)
         try:
             result = await self.backend.generate(request)
         except asyncio.CancelledError:
             self._stats.aborted += 1
+            self.metrics.inc("inferpool_requests_failed_total", **tags)
             await self.backend.abort(request.request_id)
             raise
         except InferpoolError:
             self._stats.failed += 1
+            self.metrics.inc("inferpool_requests_failed_total", **tags)
             raise
         except ValueError as exc:  # backends reject bad input with ValueError
             self._stats.failed += 1
+            self.metrics.inc("inferpool_requests_failed_total", **tags)
             raise RequestError(f"engine {self.engine_id} rejected the request: {exc}") from exc
         except Exception as exc:
             self._stats.failed += 1
+            self.metrics.inc("inferpool_requests_failed_total", **tags)
             logger.exception("engine %s: backend failed on %s", self.engine_id, request.request_id)
             raise BackendError(
                 f"engine {self.engine_id} ({self.config.backend}) failed: {type(exc).__name__}: {exc}"
             ) from exc
         finally:
             self._in_flight.pop(request.request_id, None)
+            self.metrics.set("inferpool_in_flight", len(self._in_flight), engine=self.engine_id)
         result.engine_id = self.engine_id
         self._stats.served += 1
         self._stats.generated_tokens += result.num_generated_tokens
+        self.metrics.inc("inferpool_requests_finished_total", **tags)
+        self.metrics.observe("inferpool_request_latency_seconds", time.monotonic() - t0, **tags)
+        self.metrics.inc("inferpool_generated_tokens_total", result.num_generated_tokens, engine=self.engine_id)
         return result
 
     async def generate_batch(self, requests: list[GenerateRequest]) -> list[GenerateResult | InferpoolError]:
@@ -138,7 +153,12 @@ class EngineActor:
         self._stats.prefix_cache_hit_rate = extra.get("prefix_cache_hit_rate")
         self._stats.weight_version = extra.get("weight_version", getattr(self.backend, "weight_version", None))
         self._stats.uptime_s = time.monotonic() - self._started
+        self.metrics.set("inferpool_queued", self._stats.queue_len, engine=self.engine_id)
         return self._stats
+
+    def metrics_snapshot(self) -> dict[str, float]:
+        """This engine's metric series (the local mirror of what Ray exports)."""
+        return self.metrics.snapshot()
 
     def get_info(self) -> EngineInfo | None:
         return self.info
@@ -184,6 +204,9 @@ class EngineActor:
         self._stats.weight_updates += 1
         self._stats.last_update_bytes = nbytes
         self._stats.last_update_s = seconds
+        self.metrics.inc("inferpool_weight_updates_total", engine=self.engine_id)
+        self.metrics.set("inferpool_weight_update_bytes", nbytes, engine=self.engine_id)
+        self.metrics.set("inferpool_weight_update_seconds", seconds, engine=self.engine_id)
         logger.info(
             "engine %s: weights %s loaded (%d tensors, %d bytes) in %.3fs",
             self.engine_id,

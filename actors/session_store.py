@@ -22,6 +22,7 @@ from inferpool.chat import ChatRenderer, validate_messages
 from inferpool.config import PoolConfig
 from inferpool.errors import SessionError, SessionExpiredError, SessionNotFoundError, StaleSessionError
 from inferpool.log import setup_logging
+from inferpool.metrics import MetricsRegistry
 from inferpool.openai_types import ChatCompletion, Completion
 from inferpool.reasoning import ReasoningConfig
 from inferpool.sequences import SequenceNode, SessionState, commit
@@ -65,6 +66,7 @@ class SessionStore:
         self._renderer: ChatRenderer | None = None
         self._reaper: asyncio.Task[None] | None = None
         self.expired_total = 0
+        self.metrics = MetricsRegistry()
 
     async def start(self) -> None:
         if self._reaper is None or self._reaper.done():
@@ -93,6 +95,7 @@ class SessionStore:
             last_used=time.monotonic(),
         )
         self._sessions[session_id] = entry
+        self.metrics.set("inferpool_sessions_open", len(self._sessions), shard=str(self.shard))
         return entry
 
     async def create(self, session_id: str, options: SessionOptions) -> None:
@@ -115,6 +118,9 @@ class SessionStore:
             del self._sessions[sid]
             self._expired[sid] = None
             self.expired_total += 1
+        if gone:
+            self.metrics.inc("inferpool_sessions_expired_total", len(gone), shard=str(self.shard))
+            self.metrics.set("inferpool_sessions_open", len(self._sessions), shard=str(self.shard))
         while len(self._expired) > _EXPIRED_MEMORY:
             self._expired.popitem(last=False)
         return len(gone)
@@ -268,7 +274,12 @@ class SessionStore:
             entry.state.turns = 0
 
     async def close(self, session_id: str) -> bool:
-        return self._sessions.pop(session_id, None) is not None
+        closed = self._sessions.pop(session_id, None) is not None
+        self.metrics.set("inferpool_sessions_open", len(self._sessions), shard=str(self.shard))
+        return closed
+
+    def metrics_snapshot(self) -> dict[str, float]:
+        return self.metrics.snapshot()
 
     def list_sessions(self) -> list[dict[str, Any]]:
         now = time.monotonic()

@@ -791,6 +791,39 @@ class Pool:
             },
         }
 
+    def metrics_snapshot(self) -> dict[str, float]:
+        """Every metric series of the pool as one flat dict (for wandb / TensorBoard): the engines',
+        router's and session stores' ``inferpool_*`` series plus per-engine request time
+        mean/std/p99 per split, average attempts and generated tokens/s."""
+        handles = get_ref(self._router.engines.remote(), _CONTROL_TIMEOUT_S, "router")
+        out: dict[str, float] = {}
+        sources = [self._router.metrics_snapshot.remote()]
+        sources += [h.metrics_snapshot.remote() for h in handles.values()]
+        sources += [store.metrics_snapshot.remote() for store in self._stores]
+        for ref in sources:
+            try:
+                for key, value in get_ref(ref, 10.0, "metrics").items():
+                    out[key] = out.get(key, 0.0) + value if key.endswith("_total") else value
+            except InferpoolError as exc:
+                logger.warning("metrics source unavailable: %s", exc)
+        timings = get_ref(self._router.timing_summary.remote(), _CONTROL_TIMEOUT_S, "router")
+        for eid, summary in timings.items():
+            for split in ("train", "eval"):
+                for stat in ("mean_s", "std_s", "p99_s", "count"):
+                    value = summary.get(split, {}).get(stat)
+                    if value is not None:
+                        out[f"engine/{eid}/{split}/request_{stat}"] = float(value)
+            if summary.get("avg_attempts") is not None:
+                out[f"engine/{eid}/avg_attempts"] = float(summary["avg_attempts"])
+        for eid, handle in handles.items():
+            try:
+                st = get_ref(handle.stats.remote(), 10.0, f"engine {eid} stats")
+            except InferpoolError:
+                continue
+            out[f"engine/{eid}/in_flight"] = float(st.in_flight)
+            out[f"engine/{eid}/generated_tokens_per_s"] = st.generated_tokens / st.uptime_s if st.uptime_s else 0.0
+        return out
+
     def engine_handle(self, engine_id: str) -> Any:
         """The actor handle of one engine (for lifecycle calls and tests)."""
         handles = get_ref(self._router.engines.remote(), _CONTROL_TIMEOUT_S, "router")

@@ -23,6 +23,7 @@ import ray
 
 from inferpool.config import PoolConfig, RouterConfig
 from inferpool.errors import EngineOverloadedError, NoHealthyEngineError, RequestError
+from inferpool.metrics import MetricsRegistry
 from inferpool.routing.policy import EngineSlot, Policy, RouteRequest, make_policy
 from inferpool.routing.stats import RequestTimings
 from inferpool.types import EngineInfo, Split
@@ -75,6 +76,7 @@ class Router:
         self.pool_config = pool_config
         self.policy: Policy = make_policy(config.policy, **policy_options(config))
         self.timings = RequestTimings()
+        self.metrics = MetricsRegistry()
         self._workload_weights: dict[str, float] = {}
         self._workload_in_flight: dict[str, int] = {}
         self._engines: dict[str, _Engine] = {}
@@ -175,6 +177,9 @@ class Router:
         if choice is None:
             return None
         choice.reserve(request.split)
+        outcome_of = getattr(self.policy, "last_outcome", None)
+        outcome = outcome_of() if callable(outcome_of) else None
+        self.metrics.inc("inferpool_routing_decisions_total", policy=self.policy.name, outcome=outcome or "chosen")
         if workload is not None:
             self._workload_in_flight[workload] = self._workload_in_flight.get(workload, 0) + 1
         self.policy.on_served(choice.engine_id, request)
@@ -308,9 +313,13 @@ class Router:
     def timing_summary(self) -> dict[str, Any]:
         return self.timings.summary()
 
+    def metrics_snapshot(self) -> dict[str, float]:
+        return self.metrics.snapshot()
+
     async def report_failure(self, engine_id: str, error: str) -> None:
         """A caller saw this engine die or hang: stop routing to it until a probe passes."""
         engine = self._engines.get(engine_id)
+        self.metrics.inc("inferpool_routing_decisions_total", policy=self.policy.name, outcome="failover")
         if engine is not None and engine.slot.healthy:
             logger.warning("router: engine %s marked unhealthy: %s", engine_id, error)
             engine.slot.healthy = False

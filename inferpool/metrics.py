@@ -1,0 +1,112 @@
+"""Metrics through Ray's metrics API (exported by Ray's Prometheus endpoint), mirrored locally.
+
+Every actor keeps one :class:`MetricsRegistry`. Each update goes to a
+``ray.util.metrics`` series (names prefixed ``inferpool_``) and to an in-process mirror,
+so ``Pool.metrics_snapshot()`` can return the same figures as a flat dict without
+scraping Prometheus. Series (tags in brackets):
+
+- ``inferpool_requests_started_total`` / ``_finished_total`` / ``_failed_total`` [engine, split]
+- ``inferpool_request_latency_seconds`` (histogram) [engine, split]
+- ``inferpool_time_to_first_token_seconds`` (histogram) [engine] — backends that report it
+- ``inferpool_prompt_tokens_total`` / ``inferpool_generated_tokens_total`` [engine]
+- ``inferpool_in_flight`` / ``inferpool_queued`` (gauges) [engine]
+- ``inferpool_routing_decisions_total`` [policy, outcome] (hit, fallback, new, miss, chosen, failover)
+- ``inferpool_sessions_open`` (gauge) / ``inferpool_sessions_expired_total`` [shard]
+- ``inferpool_weight_updates_total``, ``inferpool_weight_update_bytes``,
+  ``inferpool_weight_update_seconds`` (gauges of the last update) [engine]
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
+
+_SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "inferpool_requests_started_total": ("counter", "Requests an engine started.", ("engine", "split")),
+    "inferpool_requests_finished_total": ("counter", "Requests an engine finished.", ("engine", "split")),
+    "inferpool_requests_failed_total": ("counter", "Requests that failed on an engine.", ("engine", "split")),
+    "inferpool_request_latency_seconds": ("histogram", "Engine-side request latency.", ("engine", "split")),
+    "inferpool_time_to_first_token_seconds": ("histogram", "Time to first token.", ("engine",)),
+    "inferpool_prompt_tokens_total": ("counter", "Prompt tokens received.", ("engine",)),
+    "inferpool_generated_tokens_total": ("counter", "Tokens sampled.", ("engine",)),
+    "inferpool_in_flight": ("gauge", "Requests in flight on an engine.", ("engine",)),
+    "inferpool_queued": ("gauge", "Requests queued inside an engine.", ("engine",)),
+    "inferpool_routing_decisions_total": ("counter", "Routing decisions.", ("policy", "outcome")),
+    "inferpool_sessions_open": ("gauge", "Open sessions per store shard.", ("shard",)),
+    "inferpool_sessions_expired_total": ("counter", "Sessions expired per store shard.", ("shard",)),
+    "inferpool_weight_updates_total": ("counter", "Weight updates loaded.", ("engine",)),
+    "inferpool_weight_update_bytes": ("gauge", "Bytes of the last weight update.", ("engine",)),
+    "inferpool_weight_update_seconds": ("gauge", "Seconds of the last weight update.", ("engine",)),
+}
+
+
+def _key(name: str, tags: dict[str, str]) -> str:
+    if not tags:
+        return name
+    return name + "{" + ",".join(f"{k}={tags[k]}" for k in sorted(tags)) + "}"
+
+
+class MetricsRegistry:
+    """The metrics of one process: Ray series plus a local mirror for snapshots."""
+
+    def __init__(self, export: bool = True) -> None:
+        self._export = export
+        self._ray: dict[str, Any] = {}
+        self._values: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _series(self, name: str) -> Any:
+        if not self._export:
+            return None
+        series = self._ray.get(name)
+        if series is None:
+            kind, desc, tags = _SPECS[name]
+            try:
+                from ray.util import metrics as rm
+
+                if kind == "counter":
+                    series = rm.Counter(name, desc, tag_keys=tags)
+                elif kind == "gauge":
+                    series = rm.Gauge(name, desc, tag_keys=tags)
+                else:
+                    series = rm.Histogram(name, desc, boundaries=LATENCY_BUCKETS, tag_keys=tags)
+            except Exception:  # outside a Ray worker: keep the local mirror only
+                logger.debug("ray metrics unavailable for %s", name, exc_info=True)
+                self._export = False
+                return None
+            self._ray[name] = series
+        return series
+
+    def inc(self, name: str, value: float = 1.0, **tags: str) -> None:
+        with self._lock:
+            key = _key(name, tags)
+            self._values[key] = self._values.get(key, 0.0) + value
+        series = self._series(name)
+        if series is not None and value:
+            series.inc(value, tags=tags)
+
+    def set(self, name: str, value: float, **tags: str) -> None:
+        with self._lock:
+            self._values[_key(name, tags)] = float(value)
+        series = self._series(name)
+        if series is not None:
+            series.set(value, tags=tags)
+
+    def observe(self, name: str, value: float, **tags: str) -> None:
+        with self._lock:
+            base = _key(name, tags)
+            self._values[base + ":count"] = self._values.get(base + ":count", 0.0) + 1
+            self._values[base + ":sum"] = self._values.get(base + ":sum", 0.0) + value
+        series = self._series(name)
+        if series is not None:
+            series.observe(value, tags=tags)
+
+    def snapshot(self) -> dict[str, float]:
+        """Flat ``name{tag=value,...}`` -> value (histograms as ``:count`` and ``:sum``)."""
+        with self._lock:
+            return dict(self._values)
