@@ -82,7 +82,7 @@ class MetricsRegistry:
             self._ray[name] = series
         return series
 
-    def inc(self, name: str, value: float = 1.0, **tags: str) -> None:
+    def inc(self, name: str, value: float = 1.0, /, **tags: str) -> None:
         with self._lock:
             key = _key(name, tags)
             self._values[key] = self._values.get(key, 0.0) + value
@@ -90,14 +90,14 @@ class MetricsRegistry:
         if series is not None and value:
             series.inc(value, tags=tags)
 
-    def set(self, name: str, value: float, **tags: str) -> None:
+    def set(self, name: str, value: float, /, **tags: str) -> None:
         with self._lock:
             self._values[_key(name, tags)] = float(value)
         series = self._series(name)
         if series is not None:
             series.set(value, tags=tags)
 
-    def observe(self, name: str, value: float, **tags: str) -> None:
+    def observe(self, name: str, value: float, /, **tags: str) -> None:
         with self._lock:
             base = _key(name, tags)
             self._values[base + ":count"] = self._values.get(base + ":count", 0.0) + 1
