@@ -57,6 +57,32 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """Run the benchmarks in the checkout's bench/ folder (next to the inferpool package)."""
+    from pathlib import Path
+
+    import inferpool
+
+    root = Path(inferpool.__file__).resolve().parent.parent
+    if (root / "bench" / "runner.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        from bench.runner import main as bench_main
+    except ModuleNotFoundError:
+        print("inferpool bench: the bench/ folder of a source checkout is needed", file=sys.stderr)
+        return 2
+    argv: list[str] = []
+    if args.quick:
+        argv.append("--quick")
+    if args.only:
+        argv += ["--only", args.only]
+    if args.json:
+        argv += ["--json", args.json]
+    if args.list:
+        argv.append("--list")
+    return int(bench_main(argv))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inferpool", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env INFERPOOL_LOG_LEVEL)")
@@ -81,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--namespace", default="inferpool")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_status)
+
+    be = sub.add_parser("bench", help="the benchmarks in bench/, printed as side-by-side ratios")
+    be.add_argument("--quick", action="store_true", help="a short run (under 2 minutes on 2 cores)")
+    be.add_argument("--only", default=None, help="comma-separated benchmark names")
+    be.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    be.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    be.set_defaults(func=_bench)
 
     from inferpool.deploy.cli import add_serve_parser
 
