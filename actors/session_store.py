@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections import OrderedDict
 from typing import Any
@@ -26,7 +27,7 @@ from inferpool.metrics import MetricsRegistry
 from inferpool.openai_types import ChatCompletion, Completion
 from inferpool.reasoning import ReasoningConfig
 from inferpool.sequences import SequenceNode, SessionState, commit
-from inferpool.turns import chat_turn, completion_turn, template_kwargs_for
+from inferpool.turns import chat_turn, completion_turn, placeholder_chat_turn, template_kwargs_for
 from inferpool.types import Split
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,54 @@ class SessionStore:
             entry.busy -= 1
             entry.last_used = time.monotonic()
 
+    # -- placeholder mode (text-only engines) -----------------------------------------
+    async def _text_only(self) -> bool:
+        if not self.pool._infos:
+            await self.pool._refresh_infos()
+        return self.pool._text_only()
+
+    def _placeholders_allowed(self) -> bool:
+        env = os.environ.get("INFERPOOL_ALLOW_PLACEHOLDER_TOKENS", "").strip().lower()
+        return self.config.sessions.allow_placeholder_tokens or env in ("1", "true", "yes")
+
+    async def _placeholder_chat(
+        self,
+        session_id: str,
+        create: SessionOptions | None,
+        messages: Any,
+        n: int,
+        sampling: dict[str, Any] | None,
+        tools: list[dict[str, Any]] | None,
+        tool_choice: Any,
+        reasoning: ReasoningConfig | None,
+        split: Split,
+    ) -> ChatCompletion:
+        if not self._placeholders_allowed():
+            raise SessionError(
+                "sessions need token ids, but this pool's engines only return text (a hosted/OpenAI-style "
+                "API): the session could not record what the model saw and sampled. Use pool.chat for "
+                "stateless calls, or opt in to text with placeholder tokens (not trainable, not token-exact) "
+                "with SessionConfig.allow_placeholder_tokens=True or INFERPOOL_ALLOW_PLACEHOLDER_TOKENS=1"
+            )
+
+        async def turn(entry: _Entry) -> ChatCompletion:
+            completion, parent, children = await placeholder_chat_turn(
+                self.pool,
+                messages,
+                n=n,
+                sampling=sampling,
+                tools=tools,
+                tool_choice=tool_choice,
+                reasoning=reasoning,
+                state=entry.state,
+                split=split,
+            )
+            commit(entry.state, parent, children)
+            return completion
+
+        result: ChatCompletion = await self._run(session_id, create, turn)
+        return result
+
     # -- staleness --------------------------------------------------------------------
     async def _stale_check(self) -> Any:
         """A check for RouterConfig.max_staleness: raises (reject) or returns True (requeue)."""
@@ -177,6 +226,10 @@ class SessionStore:
         chat_template_kwargs: dict[str, Any] | None = None,
         split: Split = "train",
     ) -> ChatCompletion:
+        if await self._text_only():
+            return await self._placeholder_chat(
+                session_id, create, messages, n, sampling, tools, tool_choice, reasoning, split
+            )
         renderer = await self._renderer_ready()
         stale = await self._stale_check()
 

@@ -266,3 +266,55 @@ async def completion_turn(
         session_id=state.session_id if state else None,
     )
     return completion, parent, children
+
+
+PLACEHOLDER_PROMPT_ID = -1
+PLACEHOLDER_SAMPLED_ID = -2
+
+
+async def placeholder_chat_turn(
+    pool: Pool,
+    messages: Any,
+    *,
+    n: int = 1,
+    sampling: Mapping[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: Any = None,
+    reasoning: ReasoningConfig | None = None,
+    state: SessionState,
+    split: Split = "train",
+) -> tuple[ChatCompletion, SequenceNode | None, list[SequenceNode]]:
+    """A chat turn on a text-only engine (hosted API), recorded with placeholder tokens.
+
+    The real text is kept (``full_text``, ``messages``); every position holds a placeholder
+    id (-1 for prompt characters, -2 for sampled ones), nothing is trainable and the node's
+    metadata says ``placeholder_tokens: True``. Not token-exact: never train on these ids.
+    """
+    import json
+
+    msgs = validate_messages(messages)
+    parent, stored = longest_message_prefix(state.nodes, [message_key(m) for m in msgs])
+    new_text = json.dumps(msgs[stored:], ensure_ascii=False)
+    out = await pool.chat(
+        msgs, n, tools=tools, tool_choice=tool_choice, reasoning=reasoning, split=split, **dict(sampling or {})
+    )
+    children = []
+    for choice in out.choices:
+        reply = choice.message.content or ""
+        prefix = Prefix(parent, [PLACEHOLDER_PROMPT_ID] * len(new_text), new_text)
+        node = extend(
+            prefix,
+            [PLACEHOLDER_SAMPLED_ID] * len(reply),
+            [0.0] * len(reply),
+            [None] * len(reply),
+            prompt_text=new_text,
+            sampled_text=reply,
+            eos_token_id=None,
+            metadata={"finish_reason": choice.finish_reason, "placeholder_tokens": True, "engine_id": "text-only"},
+            messages=[*msgs, _returned_message(choice.message)],
+        )
+        node.trainable[:] = False
+        node.logprob_array[:] = 1.0
+        children.append(node)
+    out.session_id = state.session_id
+    return out, parent, children

@@ -51,6 +51,9 @@ class FakeEngineOptions(ConfigModel):
     fault_after: int = Field(0, ge=0, description="Requests served normally before faults start.")
     fault_count: int = Field(-1, ge=-1, description="How many requests get the fault; -1: all after.")
     start_latency_s: float = Field(0.0, ge=0.0, description="Time start() takes.")
+    text_only: bool = Field(
+        False, description="Behave like a hosted API: no token ids, only text-level chat/completion calls."
+    )
 
 
 def _token_rng(seed: int, prompt: list[int], index: int) -> random.Random:
@@ -102,6 +105,7 @@ class FakeBackend(BaseBackend):
             vocab_size=self.options.vocab_size,
             max_model_len=self.options.max_model_len,
             eos_token_id=self.eos_token_id,
+            supports_tokens=not self.options.text_only,
         )
 
     # -- faults ---------------------------------------------------------------------
@@ -234,6 +238,23 @@ class FakeBackend(BaseBackend):
             for c in choices:
                 c.weight_version = c.weight_versions[-1] if c.weight_versions else self.weight_version
         return choices
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A text-level OpenAI chat answer (``text_only`` mode), deterministic in the messages."""
+        if not self.options.text_only:
+            return await super().chat(body)
+        seed = hashlib.blake2b(repr(body.get("messages")).encode(), digest_size=4).hexdigest()
+        n = int(body.get("n", 1))
+        return {
+            "id": f"chatcmpl-fake-{seed}",
+            "object": "chat.completion",
+            "model": self.config.model or "fake",
+            "choices": [
+                {"index": i, "message": {"role": "assistant", "content": f"reply {seed} #{i}"}, "finish_reason": "stop"}
+                for i in range(n)
+            ],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        }
 
     async def abort(self, request_id: str) -> None:
         task = self._tasks.get(request_id)
