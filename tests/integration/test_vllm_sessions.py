@@ -75,3 +75,32 @@ async def test_stateless_chat_on_vllm(vllm_pool: ip.Pool) -> None:
     out = await vllm_pool.chat([{"role": "user", "content": "hi"}], n=2, max_tokens=6, seed=1)
     assert len(out.choices) == 2
     assert all(c.token_ids and len(c.token_ids) == len(c.token_logprobs) for c in out.choices)
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "search",
+            "description": "Search the web",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
+        },
+    }
+]
+
+
+async def test_tool_turn_keeps_tokens_exact(vllm_pool: ip.Pool) -> None:
+    async with vllm_pool.session() as s:
+        msgs: list[dict[str, Any]] = [{"role": "user", "content": "find the weather"}]
+        first = await s.chat(msgs, tools=TOOLS, max_tokens=12, seed=5)
+        reply = first.choices[0].message.model_dump(exclude_none=True)
+        # the agent answers with a tool call of its own making and the tool's result
+        reply["tool_calls"] = reply.get("tool_calls") or []
+        msgs += [reply, {"role": "tool", "tool_call_id": "call_0", "content": '{"temp": 21}'}]
+        second = await s.chat(msgs, tools=TOOLS, max_tokens=12, seed=6)
+        node = (await s.state()).nodes[0]
+    seq1 = first.prompt_token_ids + first.choices[0].token_ids
+    assert second.prompt_token_ids[: len(seq1)] == seq1
+    assert node.tokens == second.prompt_token_ids + second.choices[0].token_ids
+    suffix = node.masked_tokens[len(seq1) : len(second.prompt_token_ids)]
+    assert suffix and all(m == MASK for m in suffix)  # tool result + template glue are masked
