@@ -174,19 +174,7 @@ async def chat_turn(
             )
         )
         if state is not None:
-            children.append(
-                extend(
-                    prefix,
-                    c.token_ids,
-                    c.logprobs,
-                    c.weight_versions or [c.weight_version] * len(c.token_ids),
-                    prompt_text=prefix.suffix_text,
-                    sampled_text=renderer.decode(c.token_ids),
-                    eos_token_id=renderer.eos_token_id,
-                    metadata=_metadata(result, c),
-                    messages=[*msgs, _returned_message(message)],
-                )
-            )
+            children.append(_record(renderer, prefix, result, c, messages=[*msgs, _returned_message(message)]))
     completion = ChatCompletion(
         model=model_name,
         choices=choices,
@@ -195,6 +183,30 @@ async def chat_turn(
         session_id=state.session_id if state else None,
     )
     return completion, parent, children
+
+
+def _record(
+    renderer: ChatRenderer,
+    prefix: Prefix,
+    result: GenerateResult,
+    c: Choice,
+    *,
+    messages: list[dict[str, Any]] | None = None,
+    match_text: str | None = None,
+) -> SequenceNode:
+    """The new sequence node of one choice: the prefix it extends plus what was sampled."""
+    return extend(
+        prefix,
+        c.token_ids,
+        c.logprobs,
+        c.weight_versions or [c.weight_version] * len(c.token_ids),
+        prompt_text=prefix.suffix_text,
+        sampled_text=renderer.decode(c.token_ids),
+        eos_token_id=renderer.eos_token_id,
+        metadata=_metadata(result, c),
+        messages=messages,
+        match_text=match_text,
+    )
 
 
 def _metadata(result: GenerateResult, c: Choice) -> dict[str, Any]:
@@ -245,19 +257,7 @@ async def completion_turn(
             )
         )
         if state is not None:
-            children.append(
-                extend(
-                    prefix,
-                    c.token_ids,
-                    c.logprobs,
-                    c.weight_versions or [c.weight_version] * len(c.token_ids),
-                    prompt_text=suffix_text,
-                    sampled_text=renderer.decode(c.token_ids),
-                    eos_token_id=renderer.eos_token_id,
-                    metadata=_metadata(result, c),
-                    match_text=prompt + text,
-                )
-            )
+            children.append(_record(renderer, prefix, result, c, match_text=prompt + text))
     completion = Completion(
         model=model_name,
         choices=choices,

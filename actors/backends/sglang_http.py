@@ -37,6 +37,7 @@ from inferpool.actors.backends.http import (
     RemoteOptions,
     normalize_finish_reason,
 )
+from inferpool.actors.backends.sglang import to_sglang_sampling
 from inferpool.actors.backends.vllm import build_prompt_logprobs, check_top_k
 from inferpool.config import EngineConfig
 from inferpool.errors import BackendError
@@ -106,23 +107,7 @@ class SGLangHTTPBackend(RemoteBackend):
     def payload(self, request: GenerateRequest) -> dict[str, Any]:
         """The /generate body of a request."""
         sp = request.sampling
-        params: dict[str, Any] = {
-            "max_new_tokens": sp.max_tokens,
-            "min_new_tokens": sp.min_tokens,
-            "temperature": sp.temperature,
-            "top_p": sp.top_p,
-            "top_k": sp.top_k if sp.top_k > 0 else -1,
-            "min_p": sp.min_p,
-            "n": sp.n,
-            "ignore_eos": sp.ignore_eos,
-            "repetition_penalty": sp.repetition_penalty,
-            "presence_penalty": sp.presence_penalty,
-            "frequency_penalty": sp.frequency_penalty,
-        }
-        if sp.stop:
-            params["stop"] = list(sp.stop)
-        if sp.stop_token_ids:
-            params["stop_token_ids"] = list(sp.stop_token_ids)
+        params = to_sglang_sampling(sp)
         if sp.seed is not None and self.options.seed_field:
             params[self.options.seed_field] = sp.seed
         body: dict[str, Any] = {
