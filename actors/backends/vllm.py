@@ -26,7 +26,14 @@ from inferpool.types import (
 
 logger = logging.getLogger(__name__)
 
-_CPU_DEFAULTS: dict[str, Any] = {"gpu_memory_utilization": 0.1, "max_model_len": 4096}
+# On CPU: size the KV cache small, skip torch.compile (it costs 30-50 s per start on 2 cores
+# for little gain on small models) and run the worker inside the engine core process.
+_CPU_DEFAULTS: dict[str, Any] = {
+    "gpu_memory_utilization": 0.1,
+    "max_model_len": 4096,
+    "enforce_eager": True,
+    "distributed_executor_backend": "uni",
+}
 _WORKER_EXTENSION = "inferpool.actors.backends.vllm_worker.InferpoolWorkerExtension"
 
 
