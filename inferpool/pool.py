@@ -27,6 +27,7 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from inferpool._batching import CallBatcher, LoopLocal
 from inferpool._ray import await_ref, ensure_ray, get_ref
 from inferpool.actors.backends.base import PauseMode
 from inferpool.actors.engine import engine_actor_class, engine_actor_options
@@ -104,6 +105,14 @@ class Pool:
         self._renderer: ChatRenderer | None = None
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
+        # concurrent requests share one router call per event-loop turn for leases and releases
+        acquire_timeout = config.router.acquire_timeout_s + 10
+        self._acquirer = LoopLocal(
+            lambda: CallBatcher(self._router.acquire_batch.remote, acquire_timeout, "router acquire")
+        )
+        self._releaser = LoopLocal(
+            lambda: CallBatcher(self._router.release_batch.remote, _CONTROL_TIMEOUT_S, "router release")
+        )
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -360,27 +369,39 @@ class Pool:
                 exclude.append(lease.engine_id)
                 last_error = exc
             finally:
-                await self._release(self._router.release.remote(lease.lease_id, ok, attempt))
+                await self._release_lease(lease.lease_id, ok, attempt)
         raise AssertionError("unreachable")
+
+    async def _release_lease(self, lease_id: int, ok: bool, attempts: int) -> None:
+        """Release through the batcher; if the caller is cancelled meanwhile, still release."""
+        try:
+            await asyncio.shield(self._releaser.get().submit((lease_id, ok, attempts)))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the router is gone or slow: the lease reaper reclaims the slot
+            logger.warning("lease release was not confirmed", exc_info=True)
 
     async def _acquire(self, request: GenerateRequest, exclude: list[str]) -> Lease:
         """Lease a slot; if the router actor died, wait (bounded) for Ray to restart it."""
         deadline = time.monotonic() + _ROUTER_RESTART_S
         delay = 0.05
         while True:
+            args = (
+                request.split,
+                request.session_id,
+                request.prompt_token_ids[: self.config.router.route_prefix_tokens],
+                exclude,
+                None,
+                request.workload,
+            )
             try:
-                lease: Lease = await await_ref(
-                    self._router.acquire.remote(
-                        request.split,
-                        request.session_id,
-                        request.prompt_token_ids[: self.config.router.route_prefix_tokens],
-                        exclude,
-                        None,
-                        request.workload,
-                    ),
-                    self.config.router.acquire_timeout_s + 10,
-                    "router acquire",
-                )
+                lease: Lease | None = await self._acquirer.get().submit(args)
+                if lease is None:  # nothing free right now: wait (bounded) in the router
+                    lease = await await_ref(
+                        self._router.acquire.remote(*args),
+                        self.config.router.acquire_timeout_s + 10,
+                        "router acquire",
+                    )
                 return lease
             except EngineDeadError:
                 if time.monotonic() > deadline:

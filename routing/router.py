@@ -269,6 +269,22 @@ class Router:
                 except asyncio.TimeoutError:
                     pass
 
+    async def acquire_batch(self, requests: list[tuple[Any, ...]]) -> list[Lease | None]:
+        """Try many leases at once without waiting: a lease, or None where no slot is free now
+        (that caller then waits with :meth:`acquire`). Arguments as :meth:`acquire`'s."""
+        await self._ensure_started()
+        out: list[Lease | None] = []
+        for split, session_id, prompt_token_ids, exclude, _timeout, workload in requests:
+            request = RouteRequest(split, session_id, prompt_token_ids, frozenset(exclude))
+            out.append(self._try_reserve(request, workload))
+        return out
+
+    async def release_batch(self, releases: list[tuple[int, bool, int]]) -> list[None]:
+        """Many ``release(lease_id, ok, attempts)`` in one actor call."""
+        if any([self._release_one(*r) for r in releases]):
+            await self._notify()
+        return [None] * len(releases)
+
     def _release_one(self, lease_id: int, ok: bool = False, attempts: int = 1) -> bool:
         lease = self._leases.pop(lease_id, None)
         if lease is None:

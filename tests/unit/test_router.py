@@ -134,3 +134,13 @@ async def test_expired_leases_are_reclaimed() -> None:
     router._reap_expired_leases()
     assert router.num_leases() == 0
     assert router.load()["e0"]["train_in_flight"] == 0
+
+
+async def test_acquire_batch_never_waits_and_marks_what_is_full() -> None:
+    router, _ = await make_router(1)
+    args = ("train", None, None, (), None, None)
+    out = await router.acquire_batch([args] * 5)
+    assert [lease is not None for lease in out] == [True, True, True, False, False]
+    await router.release_batch([(lease.lease_id, True, 1) for lease in out if lease is not None])
+    assert router.num_leases() == 0
+    assert router.timing_summary()["e0"]["train"]["count"] == 3
