@@ -1,0 +1,174 @@
+"""The raw side of ``pool_vs_raw``: vLLM's ``AsyncLLM`` called directly, in its own process.
+
+Started by :class:`RawEngine` as ``python raw_engine.py --model PATH --result-fd N
+--engine-kwargs JSON``; it needs only inferpool and vLLM (not the ``bench`` package).
+Commands arrive as JSON lines on stdin, answers leave as JSON lines on the result pipe
+(vLLM's own logs go to stdout/stderr, which the parent sends to a log file):
+
+- ``{"cmd": "run", "prompts": [[ids...], ...], "sampling": {...}}`` submits every prompt
+  at once (``asyncio.gather`` over ``AsyncLLM.generate``) and answers
+  ``{"event": "result", "requests": n, "tokens": generated, "seconds": wall}``;
+- ``{"cmd": "stop"}`` shuts the engine down.
+
+Sampling parameters are converted with the vLLM backend's own ``to_vllm_sampling``, so
+the raw engine gets exactly what the pool's engine gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import IO, Any
+
+
+class RawEngine:
+    """Parent side: start the subprocess, send commands, read answers."""
+
+    def __init__(
+        self, model: str, engine_kwargs: dict[str, Any], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
+        read_fd, write_fd = os.pipe()
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # closed in stop()
+        cmd = [
+            sys.executable,
+            "-u",
+            str(Path(__file__).resolve()),
+            "--model",
+            model,
+            "--result-fd",
+            str(write_fd),
+            "--engine-kwargs",
+            json.dumps(engine_kwargs),
+        ]
+        self._launched = time.perf_counter()
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            pass_fds=(write_fd,),
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        os.close(write_fd)
+        self._results: IO[str] = os.fdopen(read_fd, "r")
+
+    def _read(self, timeout_s: float) -> dict[str, Any]:
+        ready, _, _ = select.select([self._results], [], [], timeout_s)
+        line = self._results.readline() if ready else ""
+        if not line:
+            code = self._proc.poll()
+            raise RuntimeError(
+                f"raw engine gave no answer in {timeout_s:.0f}s (exit code {code}); see {self.log_path}:\n"
+                + self.log_tail()
+            )
+        return json.loads(line)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout_s: float = 900.0) -> float:
+        """Block until the engine started; returns seconds since the process was launched."""
+        self._read(timeout_s)
+        return time.perf_counter() - self._launched
+
+    def run(self, prompts: list[list[int]], sampling: dict[str, Any], timeout_s: float = 900.0) -> dict[str, Any]:
+        """Submit all prompts at once in the subprocess; returns requests, tokens, seconds."""
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps({"cmd": "run", "prompts": prompts, "sampling": sampling}) + "\n")
+        self._proc.stdin.flush()
+        return self._read(timeout_s)
+
+    def request_stop(self) -> None:
+        """Ask the subprocess to shut its engine down (returns at once; :meth:`stop` waits)."""
+        if self._proc.poll() is None and self._proc.stdin is not None and not self._proc.stdin.closed:
+            try:
+                self._proc.stdin.write(json.dumps({"cmd": "stop"}) + "\n")
+                self._proc.stdin.close()
+            except OSError:  # already gone
+                pass
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop the subprocess (killed when it does not exit in time) and close the pipes."""
+        try:
+            self.request_stop()
+            self._proc.wait(timeout_s)
+        except (OSError, subprocess.TimeoutExpired):
+            self._proc.kill()
+            self._proc.wait(timeout_s)
+        finally:
+            self._results.close()
+            self._log.close()
+
+
+# -- child side ------------------------------------------------------------------------------
+async def _generate_all(engine: Any, prompts: list[list[int]], sampling: dict[str, Any]) -> dict[str, Any]:
+    from vllm.inputs import TokensPrompt
+
+    from inferpool.actors.backends.vllm import to_vllm_sampling
+    from inferpool.types import SamplingParams
+
+    sp = to_vllm_sampling(SamplingParams(**sampling))
+    tag = uuid.uuid4().hex[:8]
+
+    async def one(i: int, ids: list[int]) -> int:
+        final = None
+        async for out in engine.generate(TokensPrompt(prompt_token_ids=ids), sp, f"raw-{tag}-{i}"):
+            final = out
+        assert final is not None
+        return sum(len(c.token_ids) for c in final.outputs)
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    seconds = time.perf_counter() - t0
+    return {"event": "result", "requests": len(prompts), "tokens": sum(counts), "seconds": seconds}
+
+
+async def _serve(args: argparse.Namespace, out: IO[str]) -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    t0 = time.perf_counter()
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=args.model, **json.loads(args.engine_kwargs)))
+    out.write(json.dumps({"event": "ready", "start_s": time.perf_counter() - t0}) + "\n")
+    out.flush()
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                break
+            cmd = json.loads(line)
+            if cmd["cmd"] == "stop":
+                break
+            answer = await _generate_all(engine, cmd["prompts"], cmd["sampling"])
+            out.write(json.dumps(answer) + "\n")
+            out.flush()
+    finally:
+        engine.shutdown()
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--result-fd", type=int, required=True)
+    parser.add_argument("--engine-kwargs", default="{}", help="AsyncEngineArgs keywords as JSON")
+    args = parser.parse_args()
+    with os.fdopen(args.result_fd, "w") as out:
+        asyncio.run(_serve(args, out))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,173 @@
+"""Run the benchmarks: all or some, quick or full, printed and optionally written as JSON.
+
+``python -m bench [--quick] [--only NAME[,NAME]] [--json PATH] [--list]``
+
+Registry: :data:`BENCHMARKS` maps a name to the module that implements it; a module
+has ``run(quick: bool) -> dict`` (see :mod:`bench.common` for the dict) and is imported
+only when selected, so a benchmark that needs vLLM costs nothing when it is not run.
+Add one with an entry in :data:`BENCHMARKS` or :func:`register`.
+
+The exit status is 0 when every selected benchmark ran (goals not met included: they
+are reported, never asserted), 1 when one raised, 2 for bad arguments.
+
+Hooking up ``inferpool bench``: the ``bench`` folder sits next to ``inferpool/`` in the
+source checkout (it is not part of the installed distribution). ``inferpool/cli.py``
+finds it from the installed package (an editable install points at the checkout)::
+
+    root = Path(inferpool.__file__).resolve().parent.parent   # the repository root
+    if (root / "bench" / "runner.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench.runner import main            # ModuleNotFoundError: not a source checkout
+    return main(argv)
+
+or loads this file by path (``importlib.util.spec_from_file_location``) and calls
+:func:`cli_main`, which puts the repository root on ``sys.path`` itself before it
+imports its sibling modules. ``INFERPOOL_BENCH_DIR`` may point at another ``bench``
+folder. :func:`locate_bench_dir` implements the lookup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+BENCHMARKS: dict[str, str] = {
+    "pool_vs_raw": "bench.pool_vs_raw",  # issue 2: pool generate vs raw AsyncLLM (vLLM)
+    "router_capacity": "bench.router_capacity",  # issue 8: decisions/s, added latency
+    "scaling": "bench.scaling",  # issue 9: fake engines, efficiency vs linear
+}
+"""Benchmark name -> module with ``run(quick: bool) -> dict``; run in this order."""
+
+
+def register(name: str, module: str) -> None:
+    """Make ``--only name`` run ``module.run(quick)`` (module given as an import path)."""
+    BENCHMARKS[name] = module
+
+
+def locate_bench_dir() -> Path | None:
+    """The ``bench`` folder: ``INFERPOOL_BENCH_DIR``, else this file's folder, else next to ``inferpool/``."""
+    candidates = []
+    if os.environ.get("INFERPOOL_BENCH_DIR"):
+        candidates.append(Path(os.environ["INFERPOOL_BENCH_DIR"]))
+    candidates.append(Path(__file__).resolve().parent)
+    try:
+        import inferpool
+
+        candidates.append(Path(inferpool.__file__).resolve().parent.parent / "bench")
+    except ImportError:
+        pass
+    for path in candidates:
+        if (path / "runner.py").is_file():
+            return path
+    return None
+
+
+def _ensure_importable() -> None:
+    """Put the folder holding ``bench/`` on ``sys.path`` when ``import bench`` would fail."""
+    if importlib.util.find_spec("bench") is not None:
+        return
+    found = locate_bench_dir()
+    if found is None:
+        raise ModuleNotFoundError("the bench/ folder was not found (set INFERPOOL_BENCH_DIR)")
+    sys.path.insert(0, str(found.parent))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inferpool bench", description="Benchmarks that print ratios measured side by side in one run."
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller loads (the whole suite in ~2 minutes)")
+    parser.add_argument("--only", default="", help="comma-separated benchmark names (default: all)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write every figure as JSON")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    return parser
+
+
+def _selected(only: str) -> list[str]:
+    names = [n.strip() for n in only.split(",") if n.strip()] or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"--only: unknown benchmark(s) {unknown}; known: {list(BENCHMARKS)}")
+    return names
+
+
+def run_one(name: str, quick: bool) -> dict[str, Any]:
+    """Import and run one benchmark; an exception becomes an ``error`` entry, not a crash."""
+    from bench.common import load_average
+
+    t0 = time.perf_counter()
+    try:
+        module = importlib.import_module(BENCHMARKS[name])
+        res: dict[str, Any] = module.run(quick=quick)
+    except Exception as exc:
+        traceback.print_exc()  # the whole story on stderr; the report keeps the first line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        res = {"name": name, "error": f"{type(exc).__name__}: {first}"}
+    res["seconds"] = time.perf_counter() - t0
+    res["load_average_end"] = load_average()
+    return res
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the selected benchmarks, print each one's figures and goals, return the exit status."""
+    _ensure_importable()
+    import ray
+
+    from bench import report
+    from bench.common import load_average, machine_info
+
+    args = build_parser().parse_args(argv)
+    if args.list:
+        for name, module in BENCHMARKS.items():
+            print(f"{name}\t{module}")
+        return 0
+    try:
+        names = _selected(args.only)
+    except ValueError as exc:
+        print(f"inferpool bench: error: {exc}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("INFERPOOL_LOG_LEVEL", "WARNING")  # figures only, not pool start-up logs
+    machine = machine_info()
+    mode = "quick" if args.quick else "full"
+    print(report.header(machine, mode, names), flush=True)
+    started = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    ray_was_up = ray.is_initialized()
+    try:
+        for name in names:
+            res = run_one(name, args.quick)
+            results.append(res)
+            print(report.benchmark(res), flush=True)
+    finally:
+        if not ray_was_up and ray.is_initialized():
+            ray.shutdown()
+    total = time.perf_counter() - started
+    load_end = load_average()
+    print(report.footer(results, total, load_end, machine["cpu_count"] or 1), flush=True)
+    if args.json:
+        payload = {
+            "mode": mode,
+            "machine": machine,
+            "load_average_end": load_end,
+            "total_s": total,
+            "results": results,
+        }
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2, default=str))
+        print(f"wrote {path}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point for ``inferpool bench`` when this file was loaded by path: same as :func:`main`."""
+    return main(argv)
