@@ -777,7 +777,18 @@ class SGLangBackend(BaseBackend):
             return version
         return self.weight_version + 1 if isinstance(self.weight_version, int) else None
 
-    async def load_weights(
+    async def load_weights(self, named_tensors: list[tuple[str, Any]]) -> int:
+        """The engine actor's chunked update path: load one chunk, label it later."""
+        current = self.weight_version
+        out = await self.load_weights_from_tensor(named_tensors, flush_cache=False)
+        self.weight_version = current  # set_weight_version labels the whole update
+        return int(out["num_tensors"])
+
+    async def set_weight_version(self, version: int | str) -> None:
+        await self.reset_prefix_cache()
+        self.weight_version = version
+
+    async def load_weights_from_tensor(
         self,
         named_tensors: Iterable[tuple[str, Any]] | Mapping[str, Any],
         version: int | str | None = None,

@@ -175,7 +175,7 @@ async def test_sleep_frees_memory_and_wake_takes_pushed_weights(
     await backend.wake(None)
     assert torch.cuda.mem_get_info()[0] < free_asleep - GIB
     state = {name: t.to("cuda") for name, t in load_file(str(Path(model_dir) / "model.safetensors")).items()}
-    report = await backend.load_weights(state, version=1)
+    report = await backend.load_weights_from_tensor(state, version=1)
     assert report["weight_version"] == 1 and report["num_tensors"] == len(state) and report["bytes"] > 0
     (after,) = (await backend.generate(greedy(prompt, "after-wake"))).choices
     assert after.weight_versions == [1] * len(after.token_ids)

@@ -704,7 +704,7 @@ async def test_load_weights_sets_the_version_the_next_tokens_carry(make: Make) -
     backend = await make()
     engine = fake(backend)
     state = {"model.norm.weight": Tensor(4), "lm_head.weight": np.zeros((2, 4), np.float32)}
-    report = await backend.load_weights(state, version=7, flush_cache=False)
+    report = await backend.load_weights_from_tensor(state, version=7, flush_cache=False)
     assert report["weight_version"] == 7 and report["num_tensors"] == 2 and report["bytes"] == (4 + 8) * 4
     (call,) = engine.of("update_weights_from_tensor")
     assert [name for name, _ in call["named_tensors"]] == ["model.norm.weight", "lm_head.weight"]
@@ -712,7 +712,7 @@ async def test_load_weights_sets_the_version_the_next_tokens_carry(make: Make) -
     (choice,) = (await backend.generate(req())).choices
     assert choice.weight_version == 7 and choice.weight_versions == [7] * 5
     assert (await backend.backend_stats())["weight_version"] == 7
-    await backend.load_weights([("lm_head.weight", Tensor(2, 4))])  # no version: previous + 1
+    await backend.load_weights_from_tensor([("lm_head.weight", Tensor(2, 4))])  # no version: previous + 1
     assert backend.weight_version == 8
 
 
@@ -720,7 +720,7 @@ async def test_a_refused_weight_update_keeps_the_old_version(make: Make) -> None
     backend = await make()
     fake(backend).update_result = (False, "shape mismatch")
     with pytest.raises(BackendError, match="shape mismatch"):
-        await backend.load_weights([("w", [0.0])], version=1)
+        await backend.load_weights_from_tensor([("w", [0.0])], version=1)
     assert backend.weight_version == 0
 
 
@@ -873,3 +873,15 @@ def test_handle_health_checks_the_engines_subprocesses() -> None:
     handle(FakeTokenizerManager(), [alive]).check_health()
     with pytest.raises(BackendError, match=r"detokenizer \(pid 12\) exited with code -9"):
         handle(FakeTokenizerManager(), [alive, dead]).check_health()
+
+
+async def test_engine_actor_update_path_loads_chunks_then_labels(make: Make) -> None:
+    backend = await make()
+    engine = fake(backend)
+    assert await backend.load_weights([("model.norm.weight", Tensor(4))]) == 1
+    assert await backend.load_weights([("lm_head.weight", Tensor(2, 4))]) == 1
+    assert backend.weight_version == 0  # not labelled until the whole update is in
+    await backend.set_weight_version("step-3")
+    assert len(engine.of("update_weights_from_tensor")) == 2
+    (choice,) = (await backend.generate(req())).choices
+    assert choice.weight_version == "step-3"
