@@ -104,3 +104,15 @@ def test_connect_from_a_ray_task(vllm_pool: ip.Pool, tokenizer: object) -> None:
     tokens, engine = ray.get(worker.remote(vllm_pool.name, vllm_pool.namespace, ids), timeout=120)
     assert 1 <= len(tokens) <= 5
     assert engine in vllm_pool.engine_ids()
+
+
+async def test_prompt_logprob_scoring(vllm_pool: ip.Pool, tokenizer: object) -> None:
+    ids = prompt(tokenizer, "score me")
+    out = await vllm_pool.get_logprobs(input_ids=ids, top_k=3)
+    assert out["prompt_tokens"] == ids
+    assert out["prompt_topk_token_ids"][0] == [] and out["prompt_topk_logprobs"][0] == []
+    for tops, lps in zip(out["prompt_topk_token_ids"][1:], out["prompt_topk_logprobs"][1:], strict=True):
+        assert len(tops) == len(lps) == 3
+        assert lps == sorted(lps, reverse=True) and all(lp <= 0 for lp in lps)
+    by_messages = await vllm_pool.get_logprobs(messages=[{"role": "user", "content": "score me"}], top_k=1)
+    assert len(by_messages["prompt_topk_token_ids"]) == len(by_messages["prompt_tokens"])

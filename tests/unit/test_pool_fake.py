@@ -166,3 +166,10 @@ def test_stats_counts_served_requests(fake_pool: ip.Pool) -> None:
 def test_start_twice_with_same_name_is_a_config_error(fake_pool: ip.Pool) -> None:
     with pytest.raises(ip.ConfigError, match="already running"):
         ip.Pool.start(ip.PoolConfig(name=fake_pool.name, engines=[ip.EngineConfig(backend="fake")]))
+
+
+async def test_scoring_on_a_backend_without_prompt_logprobs_is_a_clear_error(fake_pool: ip.Pool) -> None:
+    with pytest.raises(ip.RequestError, match="prompt logprobs"):
+        await fake_pool.get_logprobs(input_ids=[1, 2, 3], top_k=2)
+    with pytest.raises(ip.RequestError, match="exactly one"):
+        await fake_pool.get_logprobs(input_ids=[1], prompt="x")
