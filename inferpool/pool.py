@@ -552,10 +552,28 @@ class Pool:
     def _text_only(self) -> bool:
         return bool(self._infos) and not all(i.supports_tokens for i in self._infos.values())
 
+    @property
+    def router(self) -> Any:
+        """The router actor handle (control calls: health, engine infos, weights, load)."""
+        return self._router
+
+    def session_stores(self) -> list[Any]:
+        """The SessionStore actor handles, in shard order."""
+        return list(self._stores)
+
     def session(
-        self, track_tree: bool = False, *, tool_parser: str = "hermes", session_id: str | None = None
+        self,
+        track_tree: bool = False,
+        *,
+        tool_parser: str = "hermes",
+        session_id: str | None = None,
+        existing: bool = False,
     ) -> Session:
-        """A managed session (created in its store on first use); see :class:`Session`."""
+        """A managed session (created in its store on first use); see :class:`Session`.
+
+        ``existing=True`` addresses a session created elsewhere (by id): calls on it never
+        create one, so an unknown or expired id raises instead.
+        """
         from inferpool.actors.session_store import SessionOptions
         from inferpool.sequences import new_session_id
         from inferpool.session import Session
@@ -567,7 +585,11 @@ class Pool:
             shard = int(sid, 16) % len(self._stores)
         except ValueError:
             raise RequestError(f"session_id: {sid!r} is not a hex session id", field="session_id") from None
-        return Session(self, sid, self._stores[shard], SessionOptions(track_tree=track_tree, tool_parser=tool_parser))
+        session = Session(
+            self, sid, self._stores[shard], SessionOptions(track_tree=track_tree, tool_parser=tool_parser)
+        )
+        session._created = existing
+        return session
 
     def session_store(self, session_id: str) -> Any:
         """The store actor that owns a session id."""
@@ -859,9 +881,10 @@ class Pool:
         if not 0 <= group < len(self.config.engines):
             raise RequestError(f"group: no engine group {group}", field="group")
         groups = get_ref(self._router.engine_groups.remote(), _CONTROL_TIMEOUT_S, "router")
-        mine = sorted((eid for eid, g in groups.items() if g == group), key=lambda e: int(e[1:]))
+        own = {eid: g for eid, g in groups.items() if eid[:1] == "e" and eid[1:].isdigit()}  # not Serve's
+        mine = sorted((eid for eid, g in own.items() if g == group), key=lambda e: int(e[1:]))
         if replicas > len(mine):
-            next_index = 1 + max((int(e[1:]) for e in groups), default=-1)
+            next_index = 1 + max((int(e[1:]) for e in own), default=-1)
             new = [(f"e{next_index + k}", group) for k in range(replicas - len(mine))]
             self._start_engines(new)
             return mine + [eid for eid, _ in new]

@@ -183,11 +183,16 @@ class VLLMBackend(BaseBackend):
         from vllm.inputs import TokensPrompt
 
         sp = to_vllm_sampling(request.sampling, seed_offset=request.choice_offset)
+        from vllm.exceptions import VLLMClientError
+
         final = None
-        async for out in self.engine.generate(
-            TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)), sp, request.request_id
-        ):
-            final = out
+        try:
+            async for out in self.engine.generate(
+                TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)), sp, request.request_id
+            ):
+                final = out
+        except VLLMClientError as exc:  # the request itself is invalid (e.g. n > 1 with greedy)
+            raise RequestError(f"vLLM rejected the request: {exc}") from exc
         if final is None:
             raise BackendError(f"vLLM produced no output for {request.request_id}")
         version = self.weight_version
@@ -259,9 +264,7 @@ class VLLMBackend(BaseBackend):
         """Send a chunk to the workers; they reload in place when the version is set."""
         from inferpool.actors.backends.vllm_worker import pack_tensors
 
-        counts = await self.engine.collective_rpc(
-            "inferpool_load_weights", args=(pack_tensors(named_tensors), False)
-        )
+        counts = await self.engine.collective_rpc("inferpool_load_weights", args=(pack_tensors(named_tensors), False))
         self._pending_chunks += 1
         return len(named_tensors) if counts else 0
 

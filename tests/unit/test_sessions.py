@@ -178,8 +178,7 @@ async def test_prompt_beyond_context_is_a_clear_error(session_pool: ip.Pool) -> 
 
 
 async def test_unknown_and_expired_sessions(session_pool: ip.Pool) -> None:
-    ghost = session_pool.session(session_id="ab" * 16)
-    ghost._created = True  # as if created elsewhere: the store does not know it
+    ghost = session_pool.session(session_id="ab" * 16, existing=True)  # the store does not know it
     with pytest.raises(ip.SessionNotFoundError):
         await ghost.state()
     s = session_pool.session()
