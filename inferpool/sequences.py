@@ -23,21 +23,65 @@ PROMPT_LOGPROB = 1.0
 _node_ids = itertools.count(1)
 
 
-@dataclasses.dataclass
-class SequenceNode:
-    """One token-exact sequence of a session."""
+def encode_versions(versions: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+    """Per-token weight versions as (int32 index array, labels); -1 where there is none."""
+    labels: list[Any] = []
+    where: dict[Any, int] = {}
+    index = np.full(len(versions), -1, np.int32)
+    for i, v in enumerate(versions):
+        if v is None:
+            continue
+        key = (type(v).__name__, v)
+        j = where.get(key)
+        if j is None:
+            j = where[key] = len(labels)
+            labels.append(v)
+        index[i] = j
+    return index, labels
 
-    node_id: str
-    token_array: np.ndarray  # int64 token ids
-    trainable: np.ndarray  # bool, True where the engine sampled the token
-    logprob_array: np.ndarray  # float64; PROMPT_LOGPROB where not trainable
-    full_text: str
-    weight_versions: list[Any]  # per token; None where not sampled
-    metadata: dict[str, Any]
-    messages: list[dict[str, Any]] | None = None  # chat nodes: the conversation incl. the reply
-    match_text: str | None = None  # completion nodes: prompt + returned text
-    parent_id: str | None = None
-    ended_with_eos: bool = False
+
+class SequenceNode:
+    """One token-exact sequence of a session.
+
+    Token ids, the trainable mask, logprobs and the per-token weight versions (an int32
+    index into ``version_labels``) are numpy arrays, so a fetched SessionState is mostly
+    zero-copy buffers; ``tokens``, ``masked_tokens``, ``logprobs`` and ``weight_versions``
+    give lists.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        token_array: np.ndarray,
+        trainable: np.ndarray,
+        logprob_array: np.ndarray,
+        full_text: str,
+        metadata: dict[str, Any],
+        weight_versions: Sequence[Any] | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        match_text: str | None = None,
+        parent_id: str | None = None,
+        ended_with_eos: bool = False,
+        *,
+        version_index: np.ndarray | None = None,
+        version_labels: list[Any] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.token_array = token_array  # int64 token ids
+        self.trainable = trainable  # bool, True where the engine sampled the token
+        self.logprob_array = logprob_array  # float64; PROMPT_LOGPROB where not trainable
+        self.full_text = full_text
+        self.metadata = metadata
+        self.messages = messages  # chat nodes: the conversation incl. the reply as returned
+        self.match_text = match_text  # completion nodes: prompt + returned text
+        self.parent_id = parent_id
+        self.ended_with_eos = ended_with_eos
+        if version_index is None:
+            version_index, version_labels = encode_versions(
+                weight_versions if weight_versions is not None else [None] * len(token_array)
+            )
+        self.version_index = version_index
+        self.version_labels = list(version_labels or [])
 
     @property
     def tokens(self) -> list[int]:
@@ -55,12 +99,26 @@ class SequenceNode:
     def mask(self) -> list[int]:
         return self.trainable.astype(np.int8).tolist()
 
+    @property
+    def weight_versions(self) -> list[Any]:
+        """The weight version of every token (None where the engine did not sample it)."""
+        labels = self.version_labels
+        return [labels[i] if i >= 0 else None for i in self.version_index.tolist()]
+
     def __len__(self) -> int:
         return int(self.token_array.shape[0])
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SequenceNode) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"SequenceNode({self.node_id!r}, tokens={len(self)}, parent={self.parent_id!r})"
+
     def check(self) -> None:
         n = len(self)
-        if not (self.trainable.shape[0] == self.logprob_array.shape[0] == len(self.weight_versions) == n):
+        if not (self.trainable.shape[0] == self.logprob_array.shape[0] == self.version_index.shape[0] == n):
             raise AssertionError(f"node {self.node_id} is misaligned")
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,7 +210,20 @@ def extend(
     """A new node: parent tokens (kept, still trainable where sampled) + masked suffix + sampled."""
     parent = prefix.parent
     k, s = len(prefix.suffix_ids), len(sampled)
+    new_index, labels = encode_versions([*([None] * k), *sampled_versions])
     if parent is not None:
+        # remap the new labels onto the parent's label table
+        table = list(parent.version_labels)
+        remap = np.empty(len(labels), np.int32)
+        for j, label in enumerate(labels):
+            try:
+                remap[j] = next(i for i, x in enumerate(table) if type(x) is type(label) and x == label)
+            except StopIteration:
+                remap[j] = len(table)
+                table.append(label)
+        new_index = np.where(new_index >= 0, remap[np.maximum(new_index, 0)] if len(labels) else -1, -1).astype(
+            np.int32
+        )
         tokens = np.concatenate(
             [parent.token_array, np.asarray(prefix.suffix_ids, np.int64), np.asarray(sampled, np.int64)]
         )
@@ -160,13 +231,13 @@ def extend(
         logprobs = np.concatenate(
             [parent.logprob_array, np.full(k, PROMPT_LOGPROB), np.asarray(sampled_logprobs, np.float64)]
         )
-        versions = [*parent.weight_versions, *([None] * k), *sampled_versions]
+        version_index = np.concatenate([parent.version_index, new_index])
         full_text = parent.full_text + prompt_text + sampled_text
     else:
         tokens = np.asarray([*prefix.suffix_ids, *sampled], np.int64)
         trainable = np.concatenate([np.zeros(k, bool), np.ones(s, bool)])
         logprobs = np.concatenate([np.full(k, PROMPT_LOGPROB), np.asarray(sampled_logprobs, np.float64)])
-        versions = [*([None] * k), *sampled_versions]
+        version_index, table = new_index, labels
         full_text = prompt_text + sampled_text
     node = SequenceNode(
         node_id=f"n{next(_node_ids)}-{uuid.uuid4().hex[:6]}",
@@ -174,12 +245,13 @@ def extend(
         trainable=trainable,
         logprob_array=logprobs,
         full_text=full_text,
-        weight_versions=versions,
         metadata=metadata,
         messages=messages,
         match_text=match_text,
         parent_id=parent.node_id if parent is not None else None,
         ended_with_eos=bool(s) and eos_token_id is not None and sampled[-1] == eos_token_id,
+        version_index=version_index,
+        version_labels=table,
     )
     node.check()
     return node
