@@ -44,6 +44,9 @@ BENCHMARKS: dict[str, str] = {
     "pool_vs_raw": "bench.pool_vs_raw",  # issue 2: pool generate vs raw AsyncLLM (vLLM)
     "router_capacity": "bench.router_capacity",  # issue 8: decisions/s, added latency
     "scaling": "bench.scaling",  # issue 9: fake engines, efficiency vs linear
+    "state_ref_vs_json": "bench.state_ref_vs_json",  # issue 3: session state via ObjectRef vs JSON/HTTP
+    "weight_push": "bench.weight_push",  # issue 7: update_weights bytes/s vs ray.put + ray.get
+    "routing_policies": "bench.routing_policies",  # issue 8: affinity / prefix-aware vs least-loaded
 }
 """Benchmark name -> module with ``run(quick: bool) -> dict``; run in this order."""
 

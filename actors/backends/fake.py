@@ -5,6 +5,13 @@ It implements the whole backend interface. Tokens are drawn from a seeded RNG
 configurable per prompt token, per sampled token and per request, and faults can be
 injected from the config or at run time: ``raise`` (a BackendError), ``hang`` (never
 answers, so the caller's timeout fires) and ``die`` (the actor process exits).
+
+An optional prefix cache (``prefix_cache_blocks > 0``) models an engine's block-hash
+prefix cache: the sequences it served (prompt, and prompt + each choice's tokens) are cut
+into blocks of ``prefix_block_size`` tokens, hashed as a chain (block *i*'s hash covers
+blocks ``0..i``) and kept in an LRU bounded by ``prefix_cache_blocks`` blocks. A request
+is charged ``prefill_latency_per_token_s`` only for its prompt tokens beyond the longest
+cached prefix of full blocks, so cache reuse (and routing that preserves it) matters.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import math
 import os
 import random
 import time
+from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import Field
@@ -51,9 +60,63 @@ class FakeEngineOptions(ConfigModel):
     fault_after: int = Field(0, ge=0, description="Requests served normally before faults start.")
     fault_count: int = Field(-1, ge=-1, description="How many requests get the fault; -1: all after.")
     start_latency_s: float = Field(0.0, ge=0.0, description="Time start() takes.")
+    prefix_cache_blocks: int = Field(
+        0,
+        ge=0,
+        description="Prefix cache size in blocks (LRU of chained block hashes of the sequences served); "
+        "prefill is charged only for prompt tokens beyond the longest cached prefix. 0: off.",
+    )
+    prefix_block_size: int = Field(16, ge=1, description="Tokens per prefix-cache block.")
     text_only: bool = Field(
         False, description="Behave like a hosted API: no token ids, only text-level chat/completion calls."
     )
+
+
+_PREFIX_ROOT = 0x5F3759DF  # chain seed: the parent "hash" of a sequence's first block
+
+
+def _chain_hashes(token_ids: Sequence[int], block_size: int, start: int = 0, parent: int = _PREFIX_ROOT) -> list[int]:
+    """Chained hashes of the full blocks of ``token_ids`` from block-aligned ``start`` on."""
+    out: list[int] = []
+    h = parent
+    for pos in range(start, len(token_ids) - block_size + 1, block_size):
+        h = hash((h, tuple(token_ids[pos : pos + block_size])))
+        out.append(h)
+    return out
+
+
+class _PrefixCache:
+    """An LRU of chained block hashes: what a block-hash prefix cache would hold."""
+
+    def __init__(self, max_blocks: int, block_size: int) -> None:
+        self.max_blocks = max_blocks
+        self.block_size = block_size
+        self.blocks: OrderedDict[int, None] = OrderedDict()
+        self.query_tokens = 0  # prompt tokens looked up
+        self.hit_tokens = 0  # of which found cached
+
+    def match(self, hashes: Sequence[int]) -> int:
+        """Leading blocks of ``hashes`` held (refreshed as recently used)."""
+        matched = 0
+        for h in hashes:
+            if h not in self.blocks:
+                break
+            self.blocks.move_to_end(h)
+            matched += 1
+        return matched
+
+    def insert(self, hashes: Sequence[int]) -> None:
+        for h in reversed(hashes):  # leaf first, root last: a prefix loses its deepest blocks first
+            self.blocks[h] = None
+            self.blocks.move_to_end(h)
+        while len(self.blocks) > self.max_blocks:
+            self.blocks.popitem(last=False)
+
+    def clear(self) -> None:
+        self.blocks.clear()
+
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
 
 
 def _token_rng(seed: int, prompt: list[int], index: int) -> random.Random:
@@ -92,6 +155,9 @@ class FakeBackend(BaseBackend):
         self.loaded_bytes = 0
         self.loaded_tensors = 0
         self.decode_steps = 0
+        self._prefix_cache: _PrefixCache | None = None
+        if self.options.prefix_cache_blocks:
+            self._prefix_cache = _PrefixCache(self.options.prefix_cache_blocks, self.options.prefix_block_size)
 
     async def start(self) -> EngineInfo:
         if self.options.max_concurrency:
@@ -187,9 +253,20 @@ class FakeBackend(BaseBackend):
     async def _sample(self, request: GenerateRequest) -> list[Choice]:
         sp = request.sampling
         opts = self.options
-        prefill = opts.base_latency_s + opts.prefill_latency_per_token_s * len(request.prompt_token_ids)
+        prompt_hashes: list[int] = []
+        uncached = len(request.prompt_token_ids)
+        cache = self._prefix_cache
+        if cache is not None:
+            prompt_hashes = _chain_hashes(request.prompt_token_ids, cache.block_size)
+            cached = cache.match(prompt_hashes) * cache.block_size
+            cache.query_tokens += uncached
+            cache.hit_tokens += cached
+            uncached -= cached
+        prefill = opts.base_latency_s + opts.prefill_latency_per_token_s * uncached
         if prefill:
             await asyncio.sleep(prefill)
+        if cache is not None:
+            cache.insert(prompt_hashes)  # computed now: later prompts may reuse these blocks
         seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
         choices = []
         stops = set(sp.stop_token_ids)
@@ -237,6 +314,12 @@ class FakeBackend(BaseBackend):
                         c.weight_versions[step] = self.weight_version
             for c in choices:
                 c.weight_version = c.weight_versions[-1] if c.weight_versions else self.weight_version
+        if cache is not None:  # the sampled tokens' full blocks are cached too (as engines do)
+            prompt = list(request.prompt_token_ids)
+            done = len(prompt_hashes) * cache.block_size
+            parent = prompt_hashes[-1] if prompt_hashes else _PREFIX_ROOT
+            for c in choices:
+                cache.insert(prompt_hashes + _chain_hashes(prompt + c.token_ids, cache.block_size, done, parent))
         return choices
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -263,13 +346,17 @@ class FakeBackend(BaseBackend):
             task.cancel()
 
     async def backend_stats(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "queue_len": 0,
             "weight_version": self.weight_version,
             "sleeping": self.sleeping,
             "loaded_bytes": self.loaded_bytes,
             "loaded_tensors": self.loaded_tensors,
         }
+        if self._prefix_cache is not None:
+            out["prefix_cache_hit_rate"] = self._prefix_cache.hit_rate()
+            out["prefix_cache_blocks"] = len(self._prefix_cache.blocks)
+        return out
 
     # -- lifecycle --------------------------------------------------------------------
     async def pause(self, mode: PauseMode) -> None:
@@ -295,7 +382,8 @@ class FakeBackend(BaseBackend):
         self.sleeping = False
 
     async def reset_prefix_cache(self) -> None:
-        return None
+        if self._prefix_cache is not None:
+            self._prefix_cache.clear()
 
     async def load_weights(self, named_tensors: list[tuple[str, Any]]) -> int:
         """Pretend to load: counts tensors and bytes (tests check what arrived)."""
