@@ -3,7 +3,7 @@
 Two state dicts of torch tensors (what a trainer hands over):
 
 - ``tiny``: the tiny model's weights (``ip.tiny_model()`` -> ``model.safetensors``, ~2.5 MB);
-- ``synthetic``: float32 tensors of 4 MiB each, 64 MB in ``--quick``, 256 MB in full, so
+- ``synthetic``: float32 tensors of 4 MiB each, 64 MiB in ``--quick``, 256 MiB in full, so
   the bytes/s reflect moving data rather than per-call overheads.
 
 ``pool`` is ``await pool.update_weights(state_dict, version=...)`` on a pool of fake
@@ -38,7 +38,7 @@ from bench.common import Stopwatch, ensure_ray, ratio, result
 TENSOR_BYTES = 4 << 20  # synthetic tensors of 4 MiB (1 Mi float32)
 CHUNK_BYTES = 256 << 20  # pool.update_weights' default chunk size, used by both paths
 
-# size -> (synthetic MB, repeats, engine counts, vLLM engine too)
+# size -> (synthetic MiB, repeats, engine counts, vLLM engine too)
 SIZES: dict[str, tuple[int, int, tuple[int, ...], bool]] = {
     "full": (256, 5, (1, 2), True),
     "quick": (64, 3, (1, 2), False),
@@ -55,12 +55,12 @@ def tiny_state_dict() -> dict[str, Any]:
     return load_file(str(Path(tiny_model()) / "model.safetensors"))
 
 
-def synthetic_state_dict(megabytes: int, seed: int = 0) -> dict[str, Any]:
-    """``megabytes`` MB of float32 tensors of TENSOR_BYTES each, named like model layers."""
+def synthetic_state_dict(mebibytes: int, seed: int = 0) -> dict[str, Any]:
+    """``mebibytes`` MiB of float32 tensors of TENSOR_BYTES each, named like model layers."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    count = max(1, math.ceil(megabytes * 1_000_000 / TENSOR_BYTES))
+    count = max(1, math.ceil((mebibytes << 20) / TENSOR_BYTES))
     numel = TENSOR_BYTES // 4
     return {f"model.layers.{i}.mlp.weight": torch.randn(numel, generator=gen) for i in range(count)}
 
@@ -203,8 +203,8 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     import inferpool as ip
 
     size = "tiny" if tiny else "quick" if quick else "full"
-    megabytes, repeats, counts, with_vllm = SIZES[size]
-    states = {"tiny": tiny_state_dict(), "synthetic": synthetic_state_dict(megabytes)}
+    mebibytes, repeats, counts, with_vllm = SIZES[size]
+    states = {"tiny": tiny_state_dict(), "synthetic": synthetic_state_dict(mebibytes)}
     ensure_ray()
     pool = ip.Pool.start(_fake_pool_config())
     try:

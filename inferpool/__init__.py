@@ -32,13 +32,8 @@ from inferpool.types import (
 
 __version__ = "0.1.0"
 
-
-def tiny_model(*args: object, **kwargs: object) -> str:
-    """Path of the embedded tiny chat model, built and cached on first use."""
-    from inferpool.tiny_model import tiny_model as _tiny_model
-
-    return _tiny_model(*args, **kwargs)  # type: ignore[arg-type]
-
+# Imported eagerly: importing the submodule later would replace this name with the module.
+from inferpool.tiny_model import tiny_model
 
 __all__ = [
     "BackendError",

@@ -184,3 +184,13 @@ def test_concurrent_builders_build_once(tmp_path: Path) -> None:
 def test_rejects_bad_hidden_size(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="multiple of 64"):
         build_tiny_model(tmp_path, hidden_size=100)
+
+
+def test_ip_tiny_model_stays_callable_after_the_submodule_import(tmp_path: Path) -> None:
+    import importlib
+
+    import inferpool as ip
+
+    importlib.import_module("inferpool.tiny_model")
+    assert callable(ip.tiny_model)
+    assert ip.tiny_model(tmp_path) == ip.tiny_model(tmp_path)
