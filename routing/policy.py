@@ -31,6 +31,8 @@ class EngineSlot:
     eval_in_flight: int = 0
     healthy: bool = True
     weight: float = 1.0  # 0..1, scales usable capacity
+    queue_len: int = 0  # engine-reported requests waiting inside the engine (last probe)
+    kv_cache_usage: float | None = None  # engine-reported KV-cache use 0..1 where the backend exposes it
 
     @property
     def in_flight(self) -> int:
@@ -49,9 +51,7 @@ class EngineSlot:
             return self.limit("eval") - self.eval_in_flight
         if split == "eval":  # no reservation: eval shares the train slots
             return self.limit("train") - self.in_flight
-        return (
-            self.limit("train") - self.train_in_flight - (self.eval_in_flight if self.eval_quota == 0 else 0)
-        )
+        return self.limit("train") - self.train_in_flight - (self.eval_in_flight if self.eval_quota == 0 else 0)
 
     def reserve(self, split: Split, count: int = 1) -> None:
         if split == "eval":
@@ -90,9 +90,12 @@ class Policy(Protocol):
 
 def candidates(engines: Sequence[EngineSlot], request: RouteRequest) -> list[EngineSlot]:
     """Healthy, not excluded engines with a free slot for the request's split."""
-    return [
-        e for e in engines if e.healthy and e.engine_id not in request.exclude and e.free(request.split) > 0
-    ]
+    return [e for e in engines if e.healthy and e.engine_id not in request.exclude and e.free(request.split) > 0]
+
+
+def engine_pressure(slot: EngineSlot) -> tuple[int, float]:
+    """What the engine reports about itself: queued requests, then KV-cache use."""
+    return (slot.queue_len, slot.kv_cache_usage or 0.0)
 
 
 class LeastLoaded:
@@ -109,6 +112,9 @@ class LeastLoaded:
             return None
         best = max(e.free(request.split) for e in pool)
         tied = [e for e in pool if e.free(request.split) == best]
+        # among equally free engines prefer the one the engine itself reports as less busy
+        least = min(engine_pressure(e) for e in tied)
+        tied = [e for e in tied if engine_pressure(e) == least]
         choice = tied[self._turn % len(tied)]
         self._turn += 1
         return choice
@@ -155,7 +161,5 @@ def make_policy(name: str, **options: Any) -> Policy:
     try:
         policy: Policy = cls(**options)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"RouterConfig.policy {name!r}: bad options {options!r}: {exc}", field="policy"
-        ) from exc
+        raise ConfigError(f"RouterConfig.policy {name!r}: bad options {options!r}: {exc}", field="policy") from exc
     return policy

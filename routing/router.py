@@ -65,6 +65,7 @@ class _Engine:
     info: EngineInfo
     group: int = 0
     failures: int = 0
+    prefix_cache_hit_rate: float | None = None
     last_error: str = ""
 
 
@@ -400,11 +401,26 @@ class Router:
                 await self._notify()
             return
         engine.failures = 0
+        await self._read_engine_stats(engine)
         if not engine.slot.healthy:
             logger.info("router: engine %s healthy again", engine_id)
             engine.slot.healthy = True
             engine.last_error = ""
             await self._notify()
+
+    async def _read_engine_stats(self, engine: _Engine) -> None:
+        """Queue length and KV-cache use as the engine reports them (used to break ties)."""
+        stats_method = getattr(engine.handle, "stats", None)
+        if stats_method is None:
+            return
+        try:
+            st = await asyncio.wait_for(_as_future(stats_method.remote()), self.config.health_timeout_s)
+        except Exception:  # stats are advisory: a failure here does not make the engine unhealthy
+            logger.debug("router: stats of %s unavailable", engine.info.engine_id, exc_info=True)
+            return
+        engine.slot.queue_len = int(getattr(st, "queue_len", 0) or 0)
+        engine.slot.kv_cache_usage = getattr(st, "kv_cache_usage", None)
+        engine.prefix_cache_hit_rate = getattr(st, "prefix_cache_hit_rate", None)
 
     async def check_health(self) -> dict[str, bool]:
         """Probe every engine once now; returns engine_id -> healthy."""
@@ -438,6 +454,9 @@ class Router:
                 "capacity": e.slot.capacity,
                 "eval_quota": e.slot.eval_quota,
                 "weight": e.slot.weight,
+                "queue_len": e.slot.queue_len,
+                "kv_cache_usage": e.slot.kv_cache_usage,
+                "prefix_cache_hit_rate": e.prefix_cache_hit_rate,
                 "last_error": e.last_error,
             }
             for eid, e in self._engines.items()

@@ -78,3 +78,11 @@ def test_weight_scales_capacity_and_zero_parks_the_engine() -> None:
     engine.weight = 0.0
     assert engine.free("train") == 0
     assert LeastLoaded().choose([engine], RouteRequest()) is None
+
+
+def test_engine_reported_pressure_breaks_ties_before_round_robin() -> None:
+    policy = LeastLoaded()
+    engines = slots(0, 0, 0)
+    engines[0].queue_len = 5
+    engines[2].kv_cache_usage = 0.9
+    assert [policy.choose(engines, RouteRequest()).engine_id for _ in range(3)] == ["e1", "e1", "e1"]

@@ -29,7 +29,14 @@ class FakeHandle:
 
     def __init__(self) -> None:
         self.alive = True
+        self.queue_len = 0
         self.health = _Method(self._health)
+        self.stats = _Method(self._stats)
+
+    async def _stats(self) -> Any:
+        from inferpool.types import EngineStats
+
+        return EngineStats(engine_id="x", queue_len=self.queue_len, kv_cache_usage=0.5)
 
     async def _health(self) -> bool:
         if not self.alive:
@@ -144,3 +151,12 @@ async def test_acquire_batch_never_waits_and_marks_what_is_full() -> None:
     await router.release_batch([(lease.lease_id, True, 1) for lease in out if lease is not None])
     assert router.num_leases() == 0
     assert router.timing_summary()["e0"]["train"]["count"] == 3
+
+
+async def test_probes_read_engine_reported_queue_and_kv_usage() -> None:
+    router, handles = await make_router(2)
+    handles["e0"].queue_len = 7
+    await router.check_health()
+    load = router.load()
+    assert load["e0"]["queue_len"] == 7 and load["e0"]["kv_cache_usage"] == 0.5
+    assert (await router.acquire()).engine_id == "e1"  # equally free: the less busy engine wins
