@@ -127,12 +127,16 @@ class SessionStore:
         return len(gone)
 
     async def _run(self, session_id: str, create: SessionOptions | None, turn: Any) -> Any:
+        """Run ``turn(entry) -> (response, parent, children)`` under the session's lock and
+        commit the new nodes only after it succeeded, so a failed turn changes nothing."""
         entry = self._get(session_id, create)
         entry.busy += 1
         try:
             async with entry.lock:  # one turn at a time per session
                 entry.last_used = time.monotonic()
-                return await turn(entry)
+                response, parent, children = await turn(entry)
+                commit(entry.state, parent, children)
+                return response
         finally:
             entry.busy -= 1
             entry.last_used = time.monotonic()
@@ -167,8 +171,8 @@ class SessionStore:
                 "with SessionConfig.allow_placeholder_tokens=True or INFERPOOL_ALLOW_PLACEHOLDER_TOKENS=1"
             )
 
-        async def turn(entry: _Entry) -> ChatCompletion:
-            completion, parent, children = await placeholder_chat_turn(
+        async def turn(entry: _Entry) -> Any:
+            return await placeholder_chat_turn(
                 self.pool,
                 messages,
                 n=n,
@@ -179,8 +183,6 @@ class SessionStore:
                 state=entry.state,
                 split=split,
             )
-            commit(entry.state, parent, children)
-            return completion
 
         result: ChatCompletion = await self._run(session_id, create, turn)
         return result
@@ -233,9 +235,8 @@ class SessionStore:
         renderer = await self._renderer_ready()
         stale = await self._stale_check()
 
-        async def turn(entry: _Entry) -> ChatCompletion:
-            # chat_turn only reads the state; commit after success, so a failed turn changes nothing
-            completion, parent, children = await chat_turn(
+        async def turn(entry: _Entry) -> Any:
+            return await chat_turn(
                 self.pool,
                 renderer,
                 messages,
@@ -251,8 +252,6 @@ class SessionStore:
                 model_name=self.pool.model_name(),
                 stale=stale,
             )
-            commit(entry.state, parent, children)
-            return completion
 
         result: ChatCompletion = await self._run(session_id, create, turn)
         return result
@@ -269,8 +268,8 @@ class SessionStore:
         renderer = await self._renderer_ready()
         stale = await self._stale_check()
 
-        async def turn(entry: _Entry) -> Completion:
-            completion, parent, children = await completion_turn(
+        async def turn(entry: _Entry) -> Any:
+            return await completion_turn(
                 self.pool,
                 renderer,
                 prompt,
@@ -281,8 +280,6 @@ class SessionStore:
                 model_name=self.pool.model_name(),
                 stale=stale,
             )
-            commit(entry.state, parent, children)
-            return completion
 
         result: Completion = await self._run(session_id, create, turn)
         return result
