@@ -29,11 +29,22 @@ logger = logging.getLogger(__name__)
 class EngineActor:
     """One engine replica: generate, health, stats, abort and lifecycle calls."""
 
-    def __init__(self, config: EngineConfig, engine_id: str, backend: EngineBackend | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        engine_id: str,
+        backend: EngineBackend | None = None,
+        weight_transfer: str = "object_store",
+        bundle_index: int | None = None,
+    ) -> None:
         setup_logging()
         self.config = config
         self.engine_id = engine_id
         self.backend = backend if backend is not None else create_backend(config, engine_id)
+        self.backend.weight_transfer = weight_transfer  # type: ignore[attr-defined]
+        self._transfer_joined = False
+        self._bundle_index = bundle_index
+        self._native: dict[str, Any] = {}
         self.info: EngineInfo | None = None
         self._in_flight: dict[str, float] = {}
         self._stats = EngineStats(engine_id=engine_id)
@@ -46,7 +57,10 @@ class EngineActor:
             t0 = time.perf_counter()
             self.info = await self.backend.start()
             try:
-                self.info.node_id = ray.get_runtime_context().get_node_id()
+                ctx = ray.get_runtime_context()
+                self.info.node_id = ctx.get_node_id()
+                self.info.placement_group_id = ctx.get_placement_group_id() or ""
+                self.info.bundle_index = self._bundle_index
             except Exception:  # not inside Ray
                 self.info.node_id = ""
             logger.info("engine %s (%s) started in %.1fs", self.engine_id, self.info.backend, time.perf_counter() - t0)
@@ -200,7 +214,55 @@ class EngineActor:
         finally:
             if pause_mode is not None:
                 await self.backend.resume()
-        seconds = time.perf_counter() - t0
+        return self._record_update(version, loaded, nbytes, t0)
+
+    # -- native weight transfer (driven by inferpool.weight_sync.PoolWeightSyncClient) -----------
+    async def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        """Join the trainer's weight-transfer group at ``init_info['rank_offset']``."""
+        await self._call("init_weight_transfer", self.backend.init_weight_transfer(init_info))
+        self._transfer_joined = True
+
+    def weight_transfer_joined(self) -> bool:
+        """Whether this process joined a transfer group (False after a restart: the pool re-forms it)."""
+        return self._transfer_joined
+
+    async def start_weight_update(self, pause_mode: PauseMode | None = "keep") -> None:
+        """Pause generation (so every token's version stays exact), then prepare to receive."""
+        self._native = {"t0": time.perf_counter(), "paused": pause_mode is not None, "tensors": 0}
+        if pause_mode is not None:
+            await self.backend.pause(pause_mode)
+        try:
+            await self._call("start_weight_update", self.backend.start_weight_update())
+        except BaseException:
+            await self._end_native()
+            raise
+
+    async def receive_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> int:
+        """Receive one round of tensors while the trainer broadcasts them."""
+        try:
+            n = int(await self._call("receive_weights", self.backend.receive_weights(update_info)))
+        except BaseException:
+            await self._end_native()
+            raise
+        self._native["tensors"] = self._native.get("tensors", 0) + n
+        return n
+
+    async def finish_weight_update(self, version: int | str, nbytes: int = 0) -> dict[str, Any]:
+        """Finalise, label the weights ``version``, reset the prefix cache, resume generation."""
+        try:
+            await self._call("finish_weight_update", self.backend.finish_weight_update(version))
+        finally:
+            state = await self._end_native()
+        return self._record_update(version, int(state.get("tensors", 0)), nbytes, state.get("t0"))
+
+    async def _end_native(self) -> dict[str, Any]:
+        state, self._native = self._native, {}
+        if state.get("paused"):
+            await self.backend.resume()
+        return state
+
+    def _record_update(self, version: int | str, tensors: int, nbytes: int, t0: float | None) -> dict[str, Any]:
+        seconds = time.perf_counter() - t0 if t0 is not None else 0.0
         self._stats.weight_updates += 1
         self._stats.last_update_bytes = nbytes
         self._stats.last_update_s = seconds
@@ -209,13 +271,15 @@ class EngineActor:
         self.metrics.set("inferpool_weight_update_seconds", seconds, engine=self.engine_id)
         logger.info(
             "engine %s: weights %s loaded (%d tensors, %d bytes) in %.3fs",
-            self.engine_id,
-            version,
-            loaded,
-            nbytes,
-            seconds,
+            *(self.engine_id, version, tensors, nbytes, seconds),
         )
-        return {"engine_id": self.engine_id, "version": version, "tensors": loaded, "bytes": nbytes, "seconds": seconds}
+        return {
+            "engine_id": self.engine_id,
+            "version": version,
+            "tensors": tensors,
+            "bytes": nbytes,
+            "seconds": seconds,
+        }
 
     async def control(self, method: str, kwargs: dict[str, Any] | None = None) -> Any:
         """Call a backend-specific control method it declares (e.g. the fake's inject_fault)."""

@@ -1,6 +1,6 @@
 """inferpool: a Ray-native pool of LLM inference engines for RL rollouts."""
 
-from inferpool.config import EngineConfig, PoolConfig, RouterConfig, SessionConfig
+from inferpool.config import EngineConfig, PoolConfig, RouterConfig, SessionConfig, WeightTransferConfig
 from inferpool.errors import (
     BackendError,
     ConfigError,
@@ -66,6 +66,7 @@ __all__ = [
     "SessionNotFoundError",
     "SessionState",
     "StaleSessionError",
+    "WeightTransferConfig",
     "__version__",
     "tiny_model",
 ]

@@ -74,12 +74,45 @@ class EngineConfig(ConfigModel):
     env_vars: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables for the engine actor's process."
     )
+    placement_group: Any = Field(
+        None,
+        description="Colocation: a Ray placement group (or its name) the trainer created; these engines "
+        "are scheduled into its bundles instead of placement groups of their own, and the pool never "
+        "removes it. None: each engine gets its own placement group (dedicated resources).",
+    )
+    bundle_indices: list[int] | None = Field(
+        None,
+        description="With placement_group: the bundle each replica goes to (replica i -> bundle_indices[i]; "
+        "one per replica, distinct unless engines share a bundle by fractional num_gpus). None: bundles "
+        "0..replicas-1.",
+    )
 
     @model_validator(mode="after")
     def _check_remote(self) -> EngineConfig:
         if self.backend in REMOTE_BACKENDS and not self.base_url:
             raise ValueError(f"backend {self.backend!r} needs base_url")
         return self
+
+    @model_validator(mode="after")
+    def _check_placement(self) -> EngineConfig:
+        if self.bundle_indices is not None:
+            if self.placement_group is None:
+                raise ValueError("bundle_indices needs placement_group")
+            if len(self.bundle_indices) < self.replicas:
+                raise ValueError(
+                    f"bundle_indices lists {len(self.bundle_indices)} bundles for {self.replicas} replicas"
+                )
+            if any(i < 0 for i in self.bundle_indices):
+                raise ValueError("bundle_indices must be >= 0")
+        if self.placement_group is not None and self.backend in REMOTE_BACKENDS:
+            raise ValueError(f"placement_group: remote backend {self.backend!r} runs no local engine to place")
+        return self
+
+    def resolved_bundle_indices(self) -> list[int]:
+        """Bundles of the trainer's placement group these replicas may use, in order."""
+        if self.bundle_indices is not None:
+            return list(self.bundle_indices)
+        return list(range(self.replicas))
 
     def resolved_num_cpus(self) -> float:
         if self.num_cpus is not None:
@@ -166,6 +199,30 @@ class SessionConfig(ConfigModel):
     )
 
 
+WeightTransferMethod = Literal["object_store", "nccl", "ipc", "gloo"]
+
+
+class WeightTransferConfig(ConfigModel):
+    """How Pool.update_weights moves a trainer's weights into the engines."""
+
+    method: WeightTransferMethod = Field(
+        "object_store",
+        description="'object_store': one ray.put per chunk, every engine fetches and loads (any backend, "
+        "CPU or GPU). 'nccl': vLLM's NCCL broadcast from the trainer's GPU (separate GPUs). 'ipc': vLLM's "
+        "CUDA IPC handles (engines colocated on the trainer's GPU). 'gloo': the same broadcast protocol over "
+        "a CPU process group (CPU vLLM and fake engines). Native methods need update_weights to be called "
+        "in the process that holds the tensors.",
+    )
+    master_address: str | None = Field(
+        None, description="nccl/gloo rendezvous host (the trainer's). None: this node's address."
+    )
+    master_port: int | None = Field(
+        None, ge=1, le=65535, description="nccl/gloo rendezvous port. None: a free port, chosen per group."
+    )
+    packed: bool = Field(True, description="nccl/ipc: vLLM's packed transfer (tensors batched into buffers).")
+    timeout_s: float = Field(600.0, gt=0, description="Bound on the group's rendezvous and on each update.")
+
+
 class PoolConfig(ConfigModel):
     """A whole pool: its name, engines, router and sessions."""
 
@@ -179,6 +236,9 @@ class PoolConfig(ConfigModel):
     reasoning: ReasoningConfig | None = Field(
         None, description="Default reasoning settings for chat calls (a call's own reasoning= wins)."
     )
+    weight_transfer: WeightTransferConfig = Field(
+        default_factory=WeightTransferConfig, description="How update_weights reaches the engines."
+    )
     namespace: str = Field("inferpool", description="Ray namespace of the pool's named actors.")
     detached: bool = Field(False, description="Keep the pool's actors alive after the starting driver exits.")
     start_timeout_s: float = Field(900.0, gt=0, description="How long Pool.start waits for all engines.")
@@ -189,3 +249,17 @@ class PoolConfig(ConfigModel):
         if not v:
             raise ValueError("at least one engine group is needed")
         return v
+
+    @model_validator(mode="after")
+    def _check_transfer(self) -> PoolConfig:
+        method = self.weight_transfer.method
+        if method == "object_store":
+            return self
+        native = {"nccl": ("vllm",), "ipc": ("vllm",), "gloo": ("vllm", "fake")}[method]
+        bad = sorted({e.backend for e in self.engines if e.backend not in native})
+        if bad:
+            raise ValueError(
+                f"weight_transfer.method {method!r} is supported by {list(native)} engines, not {bad}; "
+                "use 'object_store' (SGLang loads it with update_weights_from_tensor)"
+            )
+        return self

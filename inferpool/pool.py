@@ -32,7 +32,7 @@ from inferpool._ray import await_ref, ensure_ray, get_ref
 from inferpool.actors.backends.base import PauseMode
 from inferpool.actors.engine import engine_actor_class, engine_actor_options
 from inferpool.chat import ChatRenderer
-from inferpool.config import EngineConfig, PoolConfig
+from inferpool.config import EngineConfig, PoolConfig, WeightTransferMethod
 from inferpool.errors import (
     ConfigError,
     EngineDeadError,
@@ -46,6 +46,7 @@ from inferpool.openai_types import ChatCompletion, Completion
 from inferpool.reasoning import ReasoningConfig, strip_control_fields
 from inferpool.routing.router import Lease, RouterActor
 from inferpool.types import EngineInfo, GenerateRequest, GenerateResult, PromptLogprobs, SamplingParams, Split
+from inferpool.weight_sync import NativeSender, PoolWeightSyncClient, as_named_tensors
 
 if TYPE_CHECKING:
     from inferpool.session import Session
@@ -113,6 +114,8 @@ class Pool:
         self._releaser = LoopLocal(
             lambda: CallBatcher(self._router.release_batch.remote, _CONTROL_TIMEOUT_S, "router release")
         )
+        self._sender: NativeSender | None = None  # native weight transfer: this process's end of the group
+        self._transfer_lock = threading.Lock()
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -192,13 +195,29 @@ class Pool:
         """Create, start and register engines (in parallel, bounded by start timeouts)."""
         actor_cls = engine_actor_class()
         started: list[tuple[str, int, EngineConfig, Any, ray.ObjectRef]] = []
+        free_bundles: dict[int, list[int]] = {}
         for engine_id, g in specs:
             group = self.config.engines[g]
             options = engine_actor_options(
                 group, _engine_name(self.name, engine_id), self.namespace, self.config.detached
             )
-            bundle = {k: v for k, v in (("CPU", options["num_cpus"]), ("GPU", options["num_gpus"])) if v}
-            if bundle:
+            bundle_index: int | None = None
+            if group.placement_group is not None:  # colocated: the trainer's placement group
+                if g not in free_bundles:
+                    free_bundles[g] = self._free_bundles(g, group)
+                if not free_bundles[g]:
+                    raise ConfigError(
+                        f"EngineConfig.bundle_indices: every bundle of engine group {g} is taken "
+                        f"({group.resolved_bundle_indices()}); list more bundles to scale further",
+                        field="bundle_indices",
+                    )
+                bundle_index = free_bundles[g].pop(0)
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=self._given_placement_group(group),
+                    placement_group_bundle_index=bundle_index,
+                    placement_group_capture_child_tasks=True,
+                )
+            elif bundle := {k: v for k, v in (("CPU", options["num_cpus"]), ("GPU", options["num_gpus"])) if v}:
                 pg = placement_group(
                     [bundle],
                     strategy="STRICT_PACK",
@@ -211,7 +230,9 @@ class Pool:
                     placement_group_bundle_index=0,
                     placement_group_capture_child_tasks=True,
                 )
-            handle = actor_cls.options(**options).remote(group, engine_id)
+            handle = actor_cls.options(**options).remote(
+                group, engine_id, None, self.config.weight_transfer.method, bundle_index
+            )
             started.append((engine_id, g, group, handle, handle.start.remote()))
         for engine_id, g, group, handle, ref in started:
             info = get_ref(ref, group.start_timeout_s, f"engine {engine_id} start")
@@ -224,6 +245,43 @@ class Pool:
             )
             self._handles[engine_id] = handle
             self._infos[engine_id] = info
+
+    @staticmethod
+    def _given_placement_group(group: EngineConfig) -> Any:
+        """The trainer's placement group of ``group`` (looked up by name when given one), ready."""
+        pg = group.placement_group
+        if isinstance(pg, str):
+            try:
+                pg = get_placement_group(pg)
+            except ValueError:
+                raise ConfigError(
+                    f"EngineConfig.placement_group: no placement group named {group.placement_group!r}",
+                    field="placement_group",
+                ) from None
+        if not hasattr(pg, "bundle_count"):
+            raise ConfigError(
+                f"EngineConfig.placement_group: expected a Ray PlacementGroup or its name, got {type(pg).__name__}",
+                field="placement_group",
+            )
+        bad = [i for i in group.resolved_bundle_indices() if i >= pg.bundle_count]
+        if bad:
+            raise ConfigError(
+                f"EngineConfig.bundle_indices: {bad} out of range; the placement group has {pg.bundle_count} bundles",
+                field="bundle_indices",
+            )
+        get_ref(pg.ready(), group.start_timeout_s, "the given placement group")
+        return pg
+
+    def _free_bundles(self, g: int, group: EngineConfig) -> list[int]:
+        """Bundles of ``group``'s placement group not held by its running engines (a list may
+        repeat a bundle that several engines share through fractional GPUs)."""
+        groups = get_ref(self._router.engine_groups.remote(), _CONTROL_TIMEOUT_S, "router")
+        infos = get_ref(self._router.engine_infos.remote(), _CONTROL_TIMEOUT_S, "router")
+        free = group.resolved_bundle_indices()
+        for info in infos:
+            if groups.get(info.engine_id) == g and info.bundle_index in free:
+                free.remove(info.bundle_index)
+        return free
 
     # -- engines ----------------------------------------------------------------------
     async def _handle(self, engine_id: str) -> Any:
@@ -720,29 +778,100 @@ class Pool:
         chunk_bytes: int = 256 << 20,
         pause_mode: PauseMode | None = "keep",
         timeout_s: float = 1800.0,
+        method: WeightTransferMethod | None = None,
     ) -> dict[str, Any]:
-        """Push new weights to every engine through the Ray object store.
+        """Push new weights to every engine, by ``method`` (None: ``PoolConfig.weight_transfer.method``;
+        ``"object_store"`` works on any pool, a native method only on a pool configured with it).
 
         ``weights``: a state dict, an iterable of ``(name, tensor)``, or an ObjectRef to
-        either. Tensors are put in chunks of at most ``chunk_bytes`` (one ``ray.put`` each);
-        every engine fetches and loads one chunk at a time, so peak memory stays bounded.
+        either. ``object_store``: tensors are put in chunks of at most ``chunk_bytes`` (one
+        ``ray.put`` each); every engine fetches and loads one chunk at a time, so peak
+        memory stays bounded. ``nccl`` / ``ipc`` / ``gloo``: this process broadcasts the
+        tensors (on its GPU for nccl/ipc) through vLLM's weight-transfer protocol; the group
+        with the engines is formed on first use and again whenever the engine set changed.
         Generation pauses with ``pause_mode`` during the load, so every sampled token's
         weight version is exact; the prefix cache is reset. Returns bytes and seconds.
         """
         if chunk_bytes < 1:
             raise RequestError(f"chunk_bytes: must be >= 1, got {chunk_bytes}", field="chunk_bytes")
+        if pause_mode is not None and pause_mode not in ("abort", "wait", "keep"):
+            raise RequestError(f"pause_mode: must be abort, wait, keep or None, got {pause_mode!r}", field="pause_mode")
         t0 = time.perf_counter()
+        configured = self.config.weight_transfer.method
+        method = method or configured
+        if method not in ("object_store", configured):
+            raise RequestError(
+                f"method: {method!r} needs a pool started with weight_transfer.method={method!r} "
+                f"(this one has {configured!r}); 'object_store' always works",
+                field="method",
+            )
+        if method != "object_store":
+            if isinstance(weights, ray.ObjectRef):
+                weights = await await_ref(weights, timeout_s, "weights")
+            named = as_named_tensors(weights)
+            label = await self._record_version(version)
+            out = await asyncio.to_thread(self._send_native, named, label, pause_mode, timeout_s)
+            return {"version": label, "seconds": time.perf_counter() - t0, "method": method, **out}
         if isinstance(weights, ray.ObjectRef):
             refs, nbytes = [weights], 0
         else:
             refs, nbytes = self._put_chunks(weights, chunk_bytes)
-        label: int | str = await await_ref(self._router.record_version.remote(version), _CONTROL_TIMEOUT_S, "router")
+        label = await self._record_version(version)
         per_engine = await self._broadcast(
             "update_weights", lambda h: h.update_weights.remote(refs, label, pause_mode), timeout_s
         )
         seconds = time.perf_counter() - t0
         nbytes = nbytes or max((r["bytes"] for r in per_engine.values()), default=0)
-        return {"version": label, "bytes": nbytes, "seconds": seconds, "chunks": len(refs), "engines": per_engine}
+        return {
+            "version": label,
+            "bytes": nbytes,
+            "seconds": seconds,
+            "method": method,
+            "chunks": len(refs),
+            "engines": per_engine,
+        }
+
+    async def _record_version(self, version: int | str | None) -> int | str:
+        label: int | str = await await_ref(self._router.record_version.remote(version), _CONTROL_TIMEOUT_S, "router")
+        return label
+
+    def _send_native(
+        self, named: list[tuple[str, Any]], label: int | str, pause_mode: PauseMode | None, timeout_s: float
+    ) -> dict[str, Any]:
+        """One native update from this process (blocking; run off the event loop)."""
+        with self._transfer_lock:
+            sender = self._weight_sender(timeout_s)
+            client = sender.client
+            client.version, client.pause_mode, client.timeout_s = label, pause_mode, timeout_s
+            client.nbytes = sum(int(getattr(t, "nbytes", 0)) for _, t in named)
+            try:
+                sender.send(named)
+            except BaseException:
+                self._drop_sender()  # a failed round leaves the group unusable: form it again next time
+                raise
+            return {"bytes": client.nbytes, "chunks": 1, "engines": client.per_engine}
+
+    def _weight_sender(self, timeout_s: float) -> NativeSender:
+        """This process's end of the transfer group, formed (again) when the engines changed."""
+        handles: dict[str, Any] = get_ref(self._router.engines.remote(), _CONTROL_TIMEOUT_S, "router")
+        if self._sender is not None and self._sender.client.engine_ids == sorted(handles):
+            joined = [
+                get_ref(h.weight_transfer_joined.remote(), _CONTROL_TIMEOUT_S, f"engine {eid}")
+                for eid, h in self._sender.client.engines_by_id()
+            ]
+            if all(joined):
+                return self._sender
+        self._drop_sender()
+        infos = {i.engine_id: i for i in get_ref(self._router.engine_infos.remote(), _CONTROL_TIMEOUT_S, "router")}
+        engines = [(eid, handles[eid], infos[eid].transfer_ranks if eid in infos else 1) for eid in sorted(handles)]
+        self._sender = NativeSender.form(self.config.weight_transfer, PoolWeightSyncClient(engines, "keep", timeout_s))
+        logger.info("pool %r: weight transfer group formed with %d engines", self.name, len(engines))
+        return self._sender
+
+    def _drop_sender(self) -> None:
+        if self._sender is not None:
+            self._sender.shutdown()
+            self._sender = None
 
     @staticmethod
     def _put_chunks(weights: Any, chunk_bytes: int) -> tuple[list[ray.ObjectRef], int]:

@@ -108,6 +108,9 @@ class EngineInfo:
     node_id: str = ""
     supports_tokens: bool = True  # False: text-only (hosted OpenAI-style APIs); sessions need placeholders
     supports_prompt_logprobs: bool = False
+    transfer_ranks: int = 1  # receiving workers in a native weight transfer (tensor x pipeline x data parallel)
+    placement_group_id: str = ""  # the Ray placement group the engine runs in ("" outside one)
+    bundle_index: int | None = None  # its bundle there, when the pool placed it into a given group
 
 
 @dataclasses.dataclass(slots=True)

@@ -32,6 +32,10 @@ class EngineBackend(Protocol):
     async def backend_stats(self) -> dict[str, Any]: ...
     async def load_weights(self, named_tensors: list[tuple[str, Any]]) -> int: ...
     async def set_weight_version(self, version: int | str) -> None: ...
+    async def init_weight_transfer(self, init_info: dict[str, Any]) -> None: ...
+    async def start_weight_update(self) -> None: ...
+    async def receive_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> int: ...
+    async def finish_weight_update(self, version: int | str) -> None: ...
     async def pause(self, mode: PauseMode) -> None: ...
     async def resume(self) -> None: ...
     async def sleep(self, level: int) -> None: ...
@@ -81,6 +85,32 @@ class BaseBackend:
         self.weight_version = version
 
     weight_version: int | str | None = 0
+    weight_transfer: str = "object_store"
+    """How this engine receives weights (PoolConfig.weight_transfer.method); the engine
+    actor sets it before ``start`` so backends that need it at start (vLLM) see it."""
+
+    # Native weight transfer (vLLM's four-phase protocol; see inferpool.weight_sync).
+    def _no_native(self) -> RequestError:
+        return RequestError(
+            f"weight_transfer.method: the {self.name} backend has no native weight transfer "
+            f"{self.weight_transfer!r}; use 'object_store'",
+            field="weight_transfer.method",
+        )
+
+    async def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        """Join the trainer's transfer group (once, before the first native update)."""
+        raise self._no_native()
+
+    async def start_weight_update(self) -> None:
+        raise self._no_native()
+
+    async def receive_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> int:
+        """Receive the tensors ``update_info`` names while the trainer sends them; returns how many."""
+        raise self._no_native()
+
+    async def finish_weight_update(self, version: int | str) -> None:
+        """Finalise the received weights and label them ``version``."""
+        raise self._no_native()
 
     async def pause(self, mode: PauseMode) -> None:
         logger.info("%s backend has no native pause (mode=%s)", self.name, mode)

@@ -32,7 +32,7 @@ from pydantic import Field
 from inferpool._model import ConfigModel
 from inferpool.actors.backends.base import BaseBackend, PauseMode
 from inferpool.config import EngineConfig
-from inferpool.errors import BackendError
+from inferpool.errors import BackendError, RequestError
 from inferpool.types import Choice, EngineInfo, GenerateRequest, GenerateResult
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class FakeBackend(BaseBackend):
     """Deterministic fake engine."""
 
     name = "fake"
-    control_methods = frozenset({"inject_fault", "set_latency", "progress"})
+    control_methods = frozenset({"inject_fault", "set_latency", "progress", "weights_digest"})
 
     def __init__(self, config: EngineConfig, engine_id: str) -> None:
         self.config = config
@@ -155,6 +155,8 @@ class FakeBackend(BaseBackend):
         self.loaded_bytes = 0
         self.loaded_tensors = 0
         self.decode_steps = 0
+        self._gloo: Any = None
+        self._digest: dict[str, float] = {}
         self._prefix_cache: _PrefixCache | None = None
         if self.options.prefix_cache_blocks:
             self._prefix_cache = _PrefixCache(self.options.prefix_cache_blocks, self.options.prefix_block_size)
@@ -391,3 +393,41 @@ class FakeBackend(BaseBackend):
             self.loaded_bytes += int(getattr(tensor, "nbytes", 0))
         self.loaded_tensors += len(named_tensors)
         return len(named_tensors)
+
+    # -- native weight transfer: the "gloo" method, one rank per fake engine ------------------
+    async def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        from inferpool.weight_sync import GlooInitInfo, open_gloo_group
+
+        if self.weight_transfer != "gloo":
+            raise self._no_native()
+        info = GlooInitInfo(**init_info)
+        self._gloo = await asyncio.to_thread(
+            open_gloo_group, info.master_address, info.master_port, info.rank_offset, info.world_size, info.timeout_s
+        )
+
+    async def start_weight_update(self) -> None:
+        if self._gloo is None:
+            raise RequestError("weight_transfer: init_weight_transfer was not called on this engine")
+        self._digest = {}
+
+    async def receive_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> int:
+        from inferpool.weight_sync import TensorMeta, receive_gloo
+
+        if isinstance(update_info, list):  # one payload per worker rank; the fake engine is one rank
+            update_info = update_info[0]
+
+        def receive() -> list[tuple[str, Any]]:
+            return list(receive_gloo(self._gloo, TensorMeta(**update_info)))
+
+        named = await asyncio.to_thread(receive)
+        for name, tensor in named:
+            self._digest[name] = float(tensor.double().sum())
+        return await self.load_weights(named)
+
+    async def finish_weight_update(self, version: int | str) -> None:
+        await self.reset_prefix_cache()
+        self.weight_version = version
+
+    def weights_digest(self) -> dict[str, float]:
+        """Sum of each tensor received by the last native update (tests compare with what was sent)."""
+        return dict(self._digest)

@@ -153,6 +153,8 @@ class VLLMBackend(BaseBackend):
             disable_log_stats=True,
             worker_extension_cls=_WORKER_EXTENSION,
         )
+        if self.weight_transfer != "object_store":  # vLLM builds its transfer engine at model load
+            kwargs["weight_transfer_config"] = {"backend": self.weight_transfer}
         kwargs.update(self.config.engine_kwargs)
         try:
             return AsyncEngineArgs(**kwargs)
@@ -177,7 +179,16 @@ class VLLMBackend(BaseBackend):
             max_model_len=int(model_config.max_model_len),
             eos_token_id=eos,
             supports_prompt_logprobs=True,
+            transfer_ranks=self._transfer_ranks(),
         )
+
+    def _transfer_ranks(self) -> int:
+        """Workers that receive a native weight broadcast: tensor x pipeline x data parallel."""
+        try:
+            pc = self.engine.vllm_config.parallel_config
+            return max(1, int(pc.world_size) * int(getattr(pc, "data_parallel_size", 1) or 1))
+        except AttributeError:
+            return 1
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         from vllm.inputs import TokensPrompt
@@ -277,6 +288,30 @@ class VLLMBackend(BaseBackend):
         self._labels[str(version)] = version
         await self.engine.reset_prefix_cache()
         await self.engine.update_weight_version(str(version))
+        self.weight_version = version
+
+    # -- native weight transfer: vLLM's own four-phase protocol -------------------------------
+    async def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        if self.weight_transfer == "object_store":
+            raise self._no_native()
+        await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
+
+    async def start_weight_update(self) -> None:
+        await self.engine.start_weight_update()
+
+    async def receive_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> int:
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        await self.engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+        first = update_info[0] if isinstance(update_info, list) and update_info else update_info
+        return len(first.get("names", ())) if isinstance(first, dict) else 0
+
+    async def finish_weight_update(self, version: int | str) -> None:
+        await self.engine.finish_weight_update(str(version))
+        self._labels[str(version)] = version
+        await self.engine.reset_prefix_cache()
         self.weight_version = version
 
     async def abort(self, request_id: str) -> None:

@@ -10,6 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+try:  # every vLLM worker process imports this module before its model loads
+    from inferpool.actors.backends.vllm_gloo import register as _register_gloo
+
+    _register_gloo()
+except ImportError:  # vLLM not installed: the pack/unpack helpers still import
+    pass
+
 
 def pack_tensors(named: list[tuple[str, Any]]) -> dict[str, list[Any]]:
     """(name, tensor) pairs as a msgpack-friendly dict of names, dtypes, shapes and bytes."""

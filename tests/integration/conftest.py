@@ -45,6 +45,9 @@ def vllm_pool(ray_session: None, tiny_model_path: str) -> Iterator[object]:
                     engine_kwargs={"max_model_len": 2048, "enable_prefix_caching": True},
                 )
             ],
+            # update_weights broadcasts over Gloo through vLLM's weight-transfer protocol by default;
+            # tests pass method="object_store" for the object-store path
+            weight_transfer=ip.WeightTransferConfig(method="gloo", timeout_s=300),
         )
     )
     yield pool

@@ -1,4 +1,5 @@
-"""Weight updates through the object store on real vLLM CPU engines.
+"""Weight updates on real vLLM CPU engines: through the object store, and broadcast from this
+process over Gloo through vLLM's own weight-transfer protocol (the path NCCL/IPC take on GPUs).
 
 Run: pytest tests/integration/test_vllm_weights.py
 """
@@ -55,7 +56,9 @@ async def test_update_weights_switches_logprobs_and_versions(
         assert a.logprobs == pytest.approx(hf_logprobs(tiny_model_path, prompt + a.token_ids, len(prompt)), abs=1e-3)
 
         # small chunks: every engine loads the state dict piece by piece
-        out = await vllm_pool.update_weights(state_dict(model_b), version="B", chunk_bytes=512 << 10)
+        out = await vllm_pool.update_weights(
+            state_dict(model_b), version="B", chunk_bytes=512 << 10, method="object_store"
+        )
         assert out["chunks"] > 1 and out["bytes"] > 0
         after = await vllm_pool.generate(prompt, greedy)
         b = after.choices[0]
@@ -67,6 +70,33 @@ async def test_update_weights_switches_logprobs_and_versions(
         assert all(e["weight_version"] == "B" and e["last_update_bytes"] > 0 for e in stats.values())
     finally:
         await vllm_pool.update_weights(state_dict(tiny_model_path), version="A")
+
+
+async def test_gloo_broadcast_switches_logprobs_and_versions(
+    vllm_pool: ip.Pool, tiny_model_path: str, model_b: str, tokenizer: Any
+) -> None:
+    prompt = list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "broadcast"}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
+    greedy = ip.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    try:
+        sent = state_dict(model_b)
+        out = await vllm_pool.update_weights(sent, version="gloo-B")
+        assert out["method"] == "gloo"
+        assert out["bytes"] == sum(t.nbytes for t in sent.values())
+        assert {e["tensors"] for e in out["engines"].values()} == {len(sent)}
+        for _ in range(2):  # both engines serve B (least-loaded spreads consecutive requests)
+            b = (await vllm_pool.generate(prompt, greedy)).choices[0]
+            assert b.logprobs == pytest.approx(hf_logprobs(model_b, prompt + b.token_ids, len(prompt)), abs=1e-3)
+            assert b.weight_versions == ["gloo-B"] * len(b.token_ids)
+        await vllm_pool.update_weights(state_dict(tiny_model_path), version="gloo-A")  # the group is reused
+        a = (await vllm_pool.generate(prompt, greedy)).choices[0]
+        assert a.logprobs == pytest.approx(hf_logprobs(tiny_model_path, prompt + a.token_ids, len(prompt)), abs=1e-3)
+        assert a.weight_versions == ["gloo-A"] * len(a.token_ids)
+    finally:
+        await vllm_pool.update_weights(state_dict(tiny_model_path), version="A", method="object_store")
 
 
 async def test_session_spanning_an_update_records_both_versions(
