@@ -37,6 +37,12 @@ _CPU_DEFAULTS: dict[str, Any] = {
 _WORKER_EXTENSION = "inferpool.actors.backends.vllm_worker.InferpoolWorkerExtension"
 
 
+def colocated_defaults(num_gpus: float) -> dict[str, Any]:
+    """vLLM settings for an engine holding a fraction of a GPU beside a trainer: use at most that
+    share of the GPU's memory, and allocate so that ``sleep`` can hand it back to the trainer."""
+    return {"gpu_memory_utilization": round(0.9 * num_gpus, 3), "enable_sleep_mode": True}
+
+
 def _has_gpu() -> bool:
     try:
         import torch
@@ -155,6 +161,8 @@ class VLLMBackend(BaseBackend):
         )
         if self.weight_transfer != "object_store":  # vLLM builds its transfer engine at model load
             kwargs["weight_transfer_config"] = {"backend": self.weight_transfer}
+        if gpu and 0 < self.config.num_gpus < 1:  # colocated with a trainer on a shared GPU
+            kwargs.update(colocated_defaults(self.config.num_gpus))
         kwargs.update(self.config.engine_kwargs)
         try:
             return AsyncEngineArgs(**kwargs)
