@@ -221,6 +221,12 @@ class WeightTransferConfig(ConfigModel):
     )
     packed: bool = Field(True, description="nccl/ipc: vLLM's packed transfer (tensors batched into buffers).")
     timeout_s: float = Field(600.0, gt=0, description="Bound on the group's rendezvous and on each update.")
+    keep_latest: bool = Field(
+        True,
+        description="object_store: keep the last update's chunks in the object store, so engines added by "
+        "scale() or restarted after a crash load them before serving (costs one copy of the weights in "
+        "the object store, spilled to disk under pressure).",
+    )
 
 
 class PoolConfig(ConfigModel):

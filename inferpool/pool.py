@@ -234,8 +234,12 @@ class Pool:
                 group, engine_id, None, self.config.weight_transfer.method, bundle_index
             )
             started.append((engine_id, g, group, handle, handle.start.remote()))
+        latest = get_ref(self._router.latest_weights.remote(), _CONTROL_TIMEOUT_S, "router") if started else None
         for engine_id, g, group, handle, ref in started:
             info = get_ref(ref, group.start_timeout_s, f"engine {engine_id} start")
+            if latest is not None:  # a pool that already pushed weights: load them before serving
+                chunks, version = latest
+                get_ref(handle.update_weights.remote(chunks, version, None), group.start_timeout_s, "weights")
             get_ref(
                 self._router.register.remote(
                     info, handle, group.max_requests_per_engine, group.eval_requests_per_engine, g
@@ -811,6 +815,7 @@ class Pool:
             named = as_named_tensors(weights)
             label = await self._record_version(version)
             out = await asyncio.to_thread(self._send_native, named, label, pause_mode, timeout_s)
+            await await_ref(self._router.set_latest_weights.remote([], label), _CONTROL_TIMEOUT_S, "router")
             return {"version": label, "seconds": time.perf_counter() - t0, "method": method, **out}
         if isinstance(weights, ray.ObjectRef):
             refs, nbytes = [weights], 0
@@ -820,6 +825,8 @@ class Pool:
         per_engine = await self._broadcast(
             "update_weights", lambda h: h.update_weights.remote(refs, label, pause_mode), timeout_s
         )
+        keep = refs if self.config.weight_transfer.keep_latest else []
+        await await_ref(self._router.set_latest_weights.remote(keep, label), _CONTROL_TIMEOUT_S, "router")
         seconds = time.perf_counter() - t0
         nbytes = nbytes or max((r["bytes"] for r in per_engine.values()), default=0)
         return {

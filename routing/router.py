@@ -87,6 +87,7 @@ class Router:
         self._health_task: asyncio.Task[None] | None = None
         self._stores: list[Any] = []
         self._versions: dict[str, int] = {"0": 0}  # weight version label -> update index
+        self._latest_weights: tuple[list[Any], int | str] | None = None  # object-store chunks of the last update
         self.decisions = 0
 
     # -- registry ---------------------------------------------------------------------
@@ -156,6 +157,15 @@ class Router:
         label = index if version is None else version
         self._versions[str(label)] = index
         return label
+
+    def set_latest_weights(self, chunks: list[Any], version: int | str) -> None:
+        """Keep the last object-store update (its chunk refs) so engines that start or restart
+        later load it before they serve (a native update leaves None: those engines join the group
+        at the next update)."""
+        self._latest_weights = (list(chunks), version) if chunks else None
+
+    def latest_weights(self) -> tuple[list[Any], int | str] | None:
+        return self._latest_weights
 
     def versions(self) -> dict[str, int]:
         """Weight version label -> update index, for staleness bounds."""
@@ -392,6 +402,12 @@ class Router:
             if healthy is False:  # the actor was restarted by Ray: load its backend again
                 logger.info("router: engine %s restarted; starting its backend", engine_id)
                 await asyncio.wait_for(_as_future(engine.handle.start.remote()), self.config.health_timeout_s * 30)
+                if self._latest_weights is not None:  # serve the current weights, not the checkpoint's
+                    chunks, version = self._latest_weights
+                    await asyncio.wait_for(
+                        _as_future(engine.handle.update_weights.remote(chunks, version, None)),
+                        self.config.health_timeout_s * 30,
+                    )
         except Exception as exc:  # any failure of the probe counts against the engine
             engine.failures += 1
             engine.last_error = f"health check failed: {type(exc).__name__}: {exc}"[:300]

@@ -202,3 +202,38 @@ async def test_requeue_runs_a_stale_turn_again_under_current_weights(requeue_poo
     old, new = state.nodes
     assert set(sampled_versions(old)) == {0}
     assert set(sampled_versions(new)) == {"r2"}
+
+
+# -- engines that join later load the latest weights ---------------------------------------
+async def test_engines_added_or_restarted_later_load_the_latest_weights(ray_session: None) -> None:
+    import asyncio
+    import time
+
+    pool = ip.Pool.start(
+        ip.PoolConfig(
+            name="unit-latest",
+            engines=[ip.EngineConfig(backend="fake", max_restarts=1, engine_kwargs={"vocab_size": 64})],
+            router=ip.RouterConfig(health_interval_s=0.2),
+        )
+    )
+    try:
+        await pool.update_weights({"w": torch.ones(8)}, version="k1")
+        pool.scale(2)
+        assert {eid: s["weight_version"] for eid, s in pool.stats()["engines"].items()} == {"e0": "k1", "e1": "k1"}
+
+        handle = pool.engine_handle("e1")
+        killed_at = time.monotonic()
+        ray.kill(handle, no_restart=False)  # Ray restarts the actor; the router's probe starts it again
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                st = await asyncio.wait_for(handle.stats.remote(), 5)
+                if st.uptime_s < time.monotonic() - killed_at and st.weight_version == "k1":
+                    break
+            except (ray.exceptions.RayActorError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, "the restarted engine never loaded the latest weights"
+            await asyncio.sleep(0.1)
+        assert st.weight_updates == 1  # loaded once, by the router, after the restart
+    finally:
+        pool.shutdown()
