@@ -46,7 +46,7 @@ from inferpool.openai_types import ChatCompletion, Completion
 from inferpool.reasoning import ReasoningConfig, strip_control_fields
 from inferpool.routing.router import Lease, RouterActor
 from inferpool.types import EngineInfo, GenerateRequest, GenerateResult, PromptLogprobs, SamplingParams, Split
-from inferpool.weight_sync import NativeSender, PoolWeightSyncClient, as_named_tensors
+from inferpool.weight_sync import NativeSender, PoolWeightSyncClient, as_named_tensors, iter_named_tensors
 
 if TYPE_CHECKING:
     from inferpool.session import Session
@@ -882,26 +882,19 @@ class Pool:
 
     @staticmethod
     def _put_chunks(weights: Any, chunk_bytes: int) -> tuple[list[ray.ObjectRef], int]:
-        items = weights.items() if hasattr(weights, "items") else weights
         refs: list[ray.ObjectRef] = []
         chunk: list[tuple[str, Any]] = []
         size = total = 0
-        for pair in items:
-            try:
-                name, tensor = pair
-            except (TypeError, ValueError):
-                raise RequestError("weights: expected a state dict or (name, tensor) pairs", field="weights") from None
+        for name, tensor in iter_named_tensors(weights):
             nb = int(getattr(tensor, "nbytes", 0))
             if chunk and size + nb > chunk_bytes:
                 refs.append(ray.put(chunk))
                 chunk, size = [], 0
-            chunk.append((str(name), tensor))
+            chunk.append((name, tensor))
             size += nb
             total += nb
         if chunk:
             refs.append(ray.put(chunk))
-        if not refs:
-            raise RequestError("weights: no tensors given", field="weights")
         return refs, total
 
     async def pause(self, mode: PauseMode = "keep") -> None:

@@ -310,16 +310,22 @@ class SwapSource:
         return _Source()
 
 
-def as_named_tensors(weights: Any) -> list[tuple[str, Any]]:
-    """A state dict or ``(name, tensor)`` pairs as a list, checked."""
+def iter_named_tensors(weights: Any) -> Iterator[tuple[str, Any]]:
+    """A state dict or ``(name, tensor)`` pairs, checked one at a time (a generator stays lazy,
+    so a trainer gathering one tensor at a time never holds them all)."""
     items: Iterable[Any] = weights.items() if hasattr(weights, "items") else weights
-    named: list[tuple[str, Any]] = []
+    count = 0
     for pair in items:
         try:
             name, tensor = pair
         except (TypeError, ValueError):
             raise RequestError("weights: expected a state dict or (name, tensor) pairs", field="weights") from None
-        named.append((str(name), tensor))
-    if not named:
+        count += 1
+        yield str(name), tensor
+    if not count:
         raise RequestError("weights: no tensors given", field="weights")
-    return named
+
+
+def as_named_tensors(weights: Any) -> list[tuple[str, Any]]:
+    """:func:`iter_named_tensors` as a list."""
+    return list(iter_named_tensors(weights))
