@@ -312,6 +312,11 @@ class SessionStore:
         }
 
     # -- state ------------------------------------------------------------------------
+    async def abort(self, session_id: str) -> int:
+        """Abort the session's in-flight requests (its running turn ends with finish reason 'abort')."""
+        self._get(session_id, None)  # unknown or expired sessions raise
+        return await self.pool._abort_local(session_id)
+
     async def get_state(self, session_id: str) -> SessionState:
         entry = self._get(session_id, None)
         entry.last_used = time.monotonic()

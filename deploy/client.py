@@ -252,6 +252,12 @@ class RemoteSession:
         sid = await self._ensure_created()
         await self.pool.request("POST", f"/sessions/{sid}/reset")
 
+    async def abort(self) -> int:
+        """Abort the session's in-flight requests (a running turn ends with finish reason 'abort')."""
+        sid = await self._ensure_created()
+        out: dict[str, Any] = await self.pool.request("POST", f"/sessions/{sid}/abort")
+        return int(out["aborted"])
+
     async def close(self) -> None:
         """Forget the session and its state."""
         if self._created and self.session_id is not None:

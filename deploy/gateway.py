@@ -212,6 +212,10 @@ class PoolGateway:
         pool = await self.pool()
         await self._session(pool, session_id).reset()
 
+    async def abort(self, session_id: str) -> int:
+        pool = await self.pool()
+        return await self._session(pool, session_id).abort()
+
     async def delete(self, session_id: str) -> None:
         pool = await self.pool()
         sid = self.check_session_id(session_id)

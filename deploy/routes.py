@@ -311,6 +311,13 @@ def create_app(gateway: PoolGateway, api_key: str | None = None) -> FastAPI:
 
         return await _answer(work)
 
+    @app.post("/sessions/{session_id}/abort", tags=["sessions"], summary="Abort the session's in-flight requests.")
+    async def abort(session_id: str) -> Response:
+        async def work() -> Any:
+            return {"object": "session.abort", "session_id": session_id, "aborted": await gateway.abort(session_id)}
+
+        return await _answer(work)
+
     @app.delete("/sessions/{session_id}", tags=["sessions"], summary="Close a session and forget its state.")
     async def delete(session_id: str) -> Response:
         async def work() -> Any:

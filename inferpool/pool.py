@@ -40,12 +40,13 @@ from inferpool.errors import (
     InferpoolError,
     NoHealthyEngineError,
     RequestError,
+    SessionError,
 )
 from inferpool.log import setup_logging
 from inferpool.openai_types import ChatCompletion, Completion
 from inferpool.reasoning import ReasoningConfig, strip_control_fields
 from inferpool.routing.router import Lease, RouterActor
-from inferpool.types import EngineInfo, GenerateRequest, GenerateResult, PromptLogprobs, SamplingParams, Split
+from inferpool.types import Choice, EngineInfo, GenerateRequest, GenerateResult, PromptLogprobs, SamplingParams, Split
 from inferpool.weight_sync import NativeSender, PoolWeightSyncClient, as_named_tensors, iter_named_tensors
 
 if TYPE_CHECKING:
@@ -68,6 +69,24 @@ def _engine_name(name: str, engine_id: str) -> str:
 
 def _pg_name(namespace: str, name: str, engine_id: str) -> str:
     return f"{namespace}:{name}:pg:{engine_id}"
+
+
+def _aborted_result(request: GenerateRequest, engine_id: str) -> GenerateResult:
+    """What a request aborted before it reached an engine returns: no tokens, finish 'abort'."""
+    choices = [
+        Choice(index=request.choice_offset + i, token_ids=[], logprobs=[], finish_reason="abort")
+        for i in range(request.sampling.n)
+    ]
+    return GenerateResult(request.request_id, list(request.prompt_token_ids), choices, engine_id, [engine_id])
+
+
+def _is_managed_id(session_id: str) -> bool:
+    """Managed sessions have hex ids (hashed to a store); generate(session_id=...) takes any string."""
+    try:
+        int(session_id, 16)
+    except ValueError:
+        return False
+    return True
 
 
 def split_n(n: int, cap: int) -> list[tuple[int, int]]:
@@ -115,6 +134,9 @@ class Pool:
             lambda: CallBatcher(self._router.release_batch.remote, _CONTROL_TIMEOUT_S, "router release")
         )
         self._sender: NativeSender | None = None  # native weight transfer: this process's end of the group
+        # session_id -> {request_id: engine_id or None while routing}: what abort_session can reach
+        self._session_requests: dict[str, dict[str, str | None]] = defaultdict(dict)
+        self._aborted: set[str] = set()  # request ids aborted before they reached an engine
         self._transfer_lock = threading.Lock()
 
     # -- construction -----------------------------------------------------------------
@@ -397,6 +419,19 @@ class Pool:
 
     async def _run(self, request: GenerateRequest, timeout_s: float | None) -> GenerateResult:
         """route → generate → release, retried on another engine for retryable faults."""
+        if request.session_id is None:
+            return await self._attempts(request, timeout_s)
+        tracked = self._session_requests[request.session_id]
+        tracked[request.request_id] = None
+        try:
+            return await self._attempts(request, timeout_s)
+        finally:
+            tracked.pop(request.request_id, None)
+            self._aborted.discard(request.request_id)
+            if not tracked:
+                self._session_requests.pop(request.session_id, None)
+
+    async def _attempts(self, request: GenerateRequest, timeout_s: float | None) -> GenerateResult:
         exclude: list[str] = []
         attempts = self.config.router.max_attempts
         last_error: InferpoolError | None = None
@@ -409,6 +444,11 @@ class Pool:
                 raise
             ok = False
             try:
+                if request.request_id in self._aborted:  # aborted while it was being routed
+                    ok = True
+                    return _aborted_result(request, lease.engine_id)
+                if request.session_id is not None:
+                    self._session_requests[request.session_id][request.request_id] = lease.engine_id
                 handle = await self._handle(lease.engine_id)
                 timeout = timeout_s or self._timeout(lease.engine_id)
                 result: GenerateResult = await await_ref(
@@ -433,6 +473,34 @@ class Pool:
             finally:
                 await self._release_lease(lease.lease_id, ok, attempt)
         raise AssertionError("unreachable")
+
+    async def abort_session(self, session_id: str) -> int:
+        """Abort the session's in-flight requests: each ends at once with finish reason
+        ``abort`` and the tokens sampled so far (a session turn records them as usual).
+        Returns how many requests were aborted."""
+        count = await self._abort_local(session_id)
+        if session_id not in self._session_requests and _is_managed_id(session_id):  # turns run in a store
+            try:
+                count += await await_ref(
+                    self.session_store(session_id).abort.remote(session_id), _CONTROL_TIMEOUT_S, "session store"
+                )
+            except SessionError:  # not a managed session (or gone): nothing runs for it there
+                pass
+        return count
+
+    async def _abort_local(self, session_id: str) -> int:
+        """Abort the requests of ``session_id`` this process has in flight."""
+        tracked = dict(self._session_requests.get(session_id, {}))
+        count = 0
+        for request_id, engine_id in tracked.items():
+            if engine_id is None:
+                self._aborted.add(request_id)
+                count += 1
+                continue
+            handle = await self._handle(engine_id)
+            if await await_ref(handle.abort.remote(request_id), _CONTROL_TIMEOUT_S, f"engine {engine_id} abort"):
+                count += 1
+        return count
 
     async def _release_lease(self, lease_id: int, ok: bool, attempts: int) -> None:
         """Release through the batcher; if the caller is cancelled meanwhile, still release."""

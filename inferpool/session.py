@@ -120,6 +120,15 @@ class Session:
             self._created = True
         return self._store.get_state.remote(self.session_id)
 
+    async def abort(self) -> int:
+        """Abort this session's in-flight requests: a running turn returns at once with finish
+        reason ``abort`` and the tokens sampled so far, which the session records. Returns how
+        many requests were aborted (0 when nothing was running)."""
+        if not self._created:  # no turn has run yet
+            return 0
+        ref = self._store.abort.remote(self.session_id)
+        return int(await await_ref(ref, self.pool.session_timeout_s(), f"session {self.session_id}"))
+
     async def reset(self) -> None:
         """Drop every stored sequence (the session stays open)."""
         await self._ensure_created()

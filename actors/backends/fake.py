@@ -144,6 +144,7 @@ class FakeBackend(BaseBackend):
         self._fault_after = self.options.fault_after
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._aborted: set[str] = set()
+        self._decoded: dict[str, tuple[list[Choice], int]] = {}  # request -> (its choices, steps decoded)
         self._admit = asyncio.Event()  # cleared while paused: new requests wait
         self._admit.set()
         self._running = asyncio.Event()  # cleared in pause(mode="keep"): in-flight requests freeze
@@ -227,20 +228,12 @@ class FakeBackend(BaseBackend):
         except asyncio.CancelledError:
             if self._pause_mode == "abort" or request.request_id in self._aborted:
                 self._aborted.discard(request.request_id)
-                choices = [
-                    Choice(
-                        index=request.choice_offset + i,
-                        token_ids=[],
-                        logprobs=[],
-                        finish_reason="abort",
-                        weight_version=self.weight_version,
-                    )
-                    for i in range(self._num_choices(request))
-                ]
+                choices = self._aborted_choices(request)
             else:
                 raise
         finally:
             self._tasks.pop(request.request_id, None)
+            self._decoded.pop(request.request_id, None)
         return GenerateResult(
             request_id=request.request_id,
             prompt_token_ids=list(request.prompt_token_ids),
@@ -308,6 +301,7 @@ class FakeBackend(BaseBackend):
         decode_steps = max((len(c.token_ids) for c in choices), default=0)
         if opts.decode_latency_per_token_s and decode_steps:
             for step in range(decode_steps):
+                self._decoded[request.request_id] = (choices, step)
                 await self._running.wait()
                 await asyncio.sleep(opts.decode_latency_per_token_s)
                 self.decode_steps += 1
@@ -323,6 +317,25 @@ class FakeBackend(BaseBackend):
             for c in choices:
                 cache.insert(prompt_hashes + _chain_hashes(prompt + c.token_ids, cache.block_size, done, parent))
         return choices
+
+    def _aborted_choices(self, request: GenerateRequest) -> list[Choice]:
+        """An aborted request's choices: the tokens decoded so far (as vLLM returns them), finish 'abort'."""
+        sampled, steps = self._decoded.get(request.request_id, ([], 0))
+        out = []
+        for i in range(self._num_choices(request)):
+            c = sampled[i] if i < len(sampled) else None
+            versions = c.weight_versions[:steps] if c is not None else []
+            out.append(
+                Choice(
+                    index=request.choice_offset + i,
+                    token_ids=c.token_ids[:steps] if c is not None else [],
+                    logprobs=c.logprobs[:steps] if c is not None else [],
+                    finish_reason="abort",
+                    weight_version=versions[-1] if versions else self.weight_version,
+                    weight_versions=versions,
+                )
+            )
+        return out
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """A text-level OpenAI chat answer (``text_only`` mode), deterministic in the messages."""

@@ -128,6 +128,7 @@ def test_unknown_sessions_are_404_and_duplicates_409(http: httpx.Client) -> None
         _error(http.get(f"/sessions/{sid}/nodes"), 404, "session_not_found")
         _error(http.post(f"/sessions/{sid}/v1/chat/completions", json={"messages": MSGS}), 404, "session_not_found")
         _error(http.post(f"/sessions/{sid}/render", json={"messages": MSGS}), 404, "session_not_found")
+        _error(http.post(f"/sessions/{sid}/abort"), 404, "session_not_found")
         _error(http.delete(f"/sessions/{sid}"), 404, "session_not_found")
     sid = http.post("/sessions", json={"session_id": "abc123"}).json()["session_id"]
     _error(http.post("/sessions", json={"session_id": sid}), 409, "session_conflict")
@@ -205,6 +206,7 @@ async def test_remote_session_mirrors_the_session_api(served: str) -> None:
             assert len(node.tokens) == len(node.masked_tokens) == len(node.logprobs)
             assert node.masked_tokens[-len(out2.choices[0].token_ids) :] == out2.choices[0].token_ids
             assert any(row["session_id"] == s.session_id for row in await pool.list_sessions())
+            assert await s.abort() == 0  # nothing in flight
             sid = s.session_id
         with pytest.raises(ip.SessionNotFoundError):
             await pool.attach(sid).state()

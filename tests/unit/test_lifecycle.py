@@ -116,6 +116,45 @@ async def test_pause_abort_ends_in_flight_requests_with_abort(slow_pool: ip.Pool
     assert after.choices[0].finish_reason == "length"
 
 
+async def wait_decoded(pool: ip.Pool, steps: int, deadline_s: float = 10.0) -> None:
+    """Poll the fake engine's decode-step counter until it advanced ``steps`` (bounded)."""
+    handle = pool.engine_handle(pool.engine_ids()[0])
+    start = await handle.control.remote("progress")
+    end = time.monotonic() + deadline_s
+    while await handle.control.remote("progress") < start + steps:
+        assert time.monotonic() < end, "the engine never decoded"
+        await asyncio.sleep(0.005)
+
+
+async def test_session_abort_ends_its_running_turn_and_the_session_goes_on(slow_pool: ip.Pool) -> None:
+    async with slow_pool.session() as s:
+        assert await s.abort() == 0  # nothing running
+        msgs: list[dict[str, Any]] = [{"role": "user", "content": "long answer please"}]
+        turn = asyncio.ensure_future(s.chat(msgs, max_tokens=200, ignore_eos=True))
+        await wait_in_flight(slow_pool)
+        await wait_decoded(slow_pool, 3)
+        assert await s.abort() == 1
+        out = await asyncio.wait_for(turn, 10)
+        assert out.choices[0].finish_reason == "abort"
+        state = await s.state()
+        sampled = [t for t, m in zip(state.nodes[0].tokens, state.nodes[0].trainable, strict=True) if m]
+        assert 0 < len(sampled) < 200  # what was sampled before the abort is recorded
+        msgs += [out.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "short"}]
+        again = await s.chat(msgs, max_tokens=2)
+        assert again.choices[0].finish_reason in ("length", "stop")
+
+
+async def test_abort_session_reaches_direct_generate_calls(slow_pool: ip.Pool) -> None:
+    task = asyncio.ensure_future(
+        slow_pool.generate([5, 6], ip.SamplingParams(max_tokens=200, n=2), session_id="direct-abort")
+    )
+    await wait_in_flight(slow_pool)
+    assert await slow_pool.abort_session("direct-abort") == 1
+    res = await asyncio.wait_for(task, 10)
+    assert [c.finish_reason for c in res.choices] == ["abort", "abort"]
+    assert await slow_pool.abort_session("direct-abort") == 0
+
+
 async def test_pause_wait_drains_and_holds_new_requests(slow_pool: ip.Pool) -> None:
     task = asyncio.ensure_future(slow_pool.generate([9], ip.SamplingParams(max_tokens=10)))
     await wait_in_flight(slow_pool)
