@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import ray
+from waiting import wait_in_flight
 
 import inferpool as ip
 
@@ -42,18 +43,6 @@ def slow_pool(ray_session: None, tiny_tokenizer_path: str) -> Iterator[ip.Pool]:
     )
     yield pool
     pool.shutdown()
-
-
-async def wait_in_flight(pool: ip.Pool, count: int = 1, deadline_s: float = 10.0) -> None:
-    """Poll the engines until ``count`` requests are in flight (bounded)."""
-    handles = [pool.engine_handle(e) for e in pool.engine_ids()]
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        stats = await asyncio.gather(*(h.stats.remote() for h in handles))
-        if sum(s.in_flight for s in stats) >= count:
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("requests never got in flight")
 
 
 def weights(seed: int) -> dict[str, np.ndarray]:
