@@ -108,6 +108,8 @@ class EngineActor:
         self._stats.generated_tokens += result.num_generated_tokens
         self.metrics.inc("inferpool_requests_finished_total", **tags)
         self.metrics.observe("inferpool_request_latency_seconds", time.monotonic() - t0, **tags)
+        if result.ttft_s is not None:
+            self.metrics.observe("inferpool_time_to_first_token_seconds", result.ttft_s, engine=self.engine_id)
         self.metrics.inc("inferpool_generated_tokens_total", result.num_generated_tokens, engine=self.engine_id)
         return result
 
@@ -194,7 +196,11 @@ class EngineActor:
         await self.backend.reset_prefix_cache()
 
     async def update_weights(
-        self, chunks: list[Any], version: int | str, pause_mode: PauseMode | None = "keep"
+        self,
+        chunks: list[Any],
+        version: int | str,
+        pause_mode: PauseMode | None = "keep",
+        version_index: int | None = None,
     ) -> dict[str, Any]:
         """Load new weights chunk by chunk (ObjectRefs fetched one at a time, so peak memory is
         one chunk), label them ``version``, reset the prefix cache. Generation is paused with
@@ -214,7 +220,7 @@ class EngineActor:
         finally:
             if pause_mode is not None:
                 await self.backend.resume()
-        return self._record_update(version, loaded, nbytes, t0)
+        return self._record_update(version, loaded, nbytes, t0, version_index)
 
     # -- native weight transfer (driven by inferpool.weight_sync.PoolWeightSyncClient) -----------
     async def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
@@ -247,13 +253,15 @@ class EngineActor:
         self._native["tensors"] = self._native.get("tensors", 0) + n
         return n
 
-    async def finish_weight_update(self, version: int | str, nbytes: int = 0) -> dict[str, Any]:
+    async def finish_weight_update(
+        self, version: int | str, nbytes: int = 0, version_index: int | None = None
+    ) -> dict[str, Any]:
         """Finalise, label the weights ``version``, reset the prefix cache, resume generation."""
         try:
             await self._call("finish_weight_update", self.backend.finish_weight_update(version))
         finally:
             state = await self._end_native()
-        return self._record_update(version, int(state.get("tensors", 0)), nbytes, state.get("t0"))
+        return self._record_update(version, int(state.get("tensors", 0)), nbytes, state.get("t0"), version_index)
 
     async def _end_native(self) -> dict[str, Any]:
         state, self._native = self._native, {}
@@ -261,8 +269,12 @@ class EngineActor:
             await self.backend.resume()
         return state
 
-    def _record_update(self, version: int | str, tensors: int, nbytes: int, t0: float | None) -> dict[str, Any]:
+    def _record_update(
+        self, version: int | str, tensors: int, nbytes: int, t0: float | None, version_index: int | None = None
+    ) -> dict[str, Any]:
         seconds = time.perf_counter() - t0 if t0 is not None else 0.0
+        if version_index is not None:  # the update's position in the pool's history (0: the checkpoint)
+            self.metrics.set("inferpool_weight_version", version_index, engine=self.engine_id)
         self._stats.weight_updates += 1
         self._stats.last_update_bytes = nbytes
         self._stats.last_update_s = seconds

@@ -14,6 +14,7 @@ scraping Prometheus. Series (tags in brackets):
 - ``inferpool_sessions_open`` (gauge) / ``inferpool_sessions_expired_total`` [shard]
 - ``inferpool_weight_updates_total``, ``inferpool_weight_update_bytes``,
   ``inferpool_weight_update_seconds`` (gauges of the last update) [engine]
+- ``inferpool_weight_version`` (gauge) [engine] — update index of the weights served
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ _SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "inferpool_weight_updates_total": ("counter", "Weight updates loaded.", ("engine",)),
     "inferpool_weight_update_bytes": ("gauge", "Bytes of the last weight update.", ("engine",)),
     "inferpool_weight_update_seconds": ("gauge", "Seconds of the last weight update.", ("engine",)),
+    "inferpool_weight_version": (
+        "gauge",
+        "Update index of the weights an engine serves (0: the checkpoint; see pool.stats()['versions']).",
+        ("engine",),
+    ),
 }
 
 

@@ -261,7 +261,8 @@ class Pool:
             info = get_ref(ref, group.start_timeout_s, f"engine {engine_id} start")
             if latest is not None:  # a pool that already pushed weights: load them before serving
                 chunks, version = latest
-                get_ref(handle.update_weights.remote(chunks, version, None), group.start_timeout_s, "weights")
+                index = get_ref(self._router.version_index.remote(version), _CONTROL_TIMEOUT_S, "router")
+                get_ref(handle.update_weights.remote(chunks, version, None, index), group.start_timeout_s, "weights")
             get_ref(
                 self._router.register.remote(
                     info, handle, group.max_requests_per_engine, group.eval_requests_per_engine, g
@@ -882,7 +883,8 @@ class Pool:
                 weights = await await_ref(weights, timeout_s, "weights")
             named = as_named_tensors(weights)
             label = await self._record_version(version)
-            out = await asyncio.to_thread(self._send_native, named, label, pause_mode, timeout_s)
+            index = await await_ref(self._router.version_index.remote(label), _CONTROL_TIMEOUT_S, "router")
+            out = await asyncio.to_thread(self._send_native, named, label, pause_mode, timeout_s, index)
             await await_ref(self._router.set_latest_weights.remote([], label), _CONTROL_TIMEOUT_S, "router")
             return {"version": label, "seconds": time.perf_counter() - t0, "method": method, **out}
         if isinstance(weights, ray.ObjectRef):
@@ -890,8 +892,9 @@ class Pool:
         else:
             refs, nbytes = self._put_chunks(weights, chunk_bytes)
         label = await self._record_version(version)
+        index = await await_ref(self._router.version_index.remote(label), _CONTROL_TIMEOUT_S, "router")
         per_engine = await self._broadcast(
-            "update_weights", lambda h: h.update_weights.remote(refs, label, pause_mode), timeout_s
+            "update_weights", lambda h: h.update_weights.remote(refs, label, pause_mode, index), timeout_s
         )
         keep = refs if self.config.weight_transfer.keep_latest else []
         await await_ref(self._router.set_latest_weights.remote(keep, label), _CONTROL_TIMEOUT_S, "router")
@@ -911,13 +914,19 @@ class Pool:
         return label
 
     def _send_native(
-        self, named: list[tuple[str, Any]], label: int | str, pause_mode: PauseMode | None, timeout_s: float
+        self,
+        named: list[tuple[str, Any]],
+        label: int | str,
+        pause_mode: PauseMode | None,
+        timeout_s: float,
+        version_index: int | None = None,
     ) -> dict[str, Any]:
         """One native update from this process (blocking; run off the event loop)."""
         with self._transfer_lock:
             sender = self._weight_sender(timeout_s)
             client = sender.client
             client.version, client.pause_mode, client.timeout_s = label, pause_mode, timeout_s
+            client.version_index = version_index
             client.nbytes = sum(int(getattr(t, "nbytes", 0)) for _, t in named)
             try:
                 sender.send(named)
@@ -1029,6 +1038,7 @@ class Pool:
                 "timings": get_ref(self._router.timing_summary.remote(), _CONTROL_TIMEOUT_S, "router"),
                 "leases": get_ref(self._router.num_leases.remote(), _CONTROL_TIMEOUT_S, "router"),
             },
+            "versions": get_ref(self._router.versions.remote(), _CONTROL_TIMEOUT_S, "router"),
         }
 
     def metrics_snapshot(self) -> dict[str, float]:

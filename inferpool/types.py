@@ -89,6 +89,7 @@ class GenerateResult:
     engine_id: str = ""
     engine_ids: list[str] = dataclasses.field(default_factory=list)
     elapsed_s: float = 0.0
+    ttft_s: float | None = None  # time to the first sampled token, where the backend sees it
 
     @property
     def num_generated_tokens(self) -> int:

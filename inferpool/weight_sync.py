@@ -175,6 +175,7 @@ class PoolWeightSyncClient:
         self.pause_mode = pause_mode
         self.timeout_s = timeout_s
         self.version: int | str | None = None
+        self.version_index: int | None = None
         self.nbytes = 0
         self.per_engine: dict[str, Any] = {}
 
@@ -225,7 +226,10 @@ class PoolWeightSyncClient:
         version = self.version if self.version is not None else weight_version
         if version is None:
             raise RequestError("version: a native weight update needs a version label", field="version")
-        outs = self._all("finish_weight_update", lambda h, k: h.finish_weight_update.remote(version, self.nbytes))
+        outs = self._all(
+            "finish_weight_update",
+            lambda h, k: h.finish_weight_update.remote(version, self.nbytes, self.version_index),
+        )
         self.per_engine = dict(zip(self.engine_ids, outs, strict=True))
 
 

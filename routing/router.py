@@ -167,6 +167,10 @@ class Router:
     def latest_weights(self) -> tuple[list[Any], int | str] | None:
         return self._latest_weights
 
+    def version_index(self, version: int | str) -> int | None:
+        """The update index of a recorded version label (0: the checkpoint)."""
+        return self._versions.get(str(version))
+
     def versions(self) -> dict[str, int]:
         """Weight version label -> update index, for staleness bounds."""
         return dict(self._versions)
@@ -404,8 +408,9 @@ class Router:
                 await asyncio.wait_for(_as_future(engine.handle.start.remote()), self.config.health_timeout_s * 30)
                 if self._latest_weights is not None:  # serve the current weights, not the checkpoint's
                     chunks, version = self._latest_weights
+                    index = self._versions.get(str(version))
                     await asyncio.wait_for(
-                        _as_future(engine.handle.update_weights.remote(chunks, version, None)),
+                        _as_future(engine.handle.update_weights.remote(chunks, version, None, index)),
                         self.config.health_timeout_s * 30,
                     )
         except Exception as exc:  # any failure of the probe counts against the engine

@@ -145,6 +145,7 @@ class FakeBackend(BaseBackend):
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._aborted: set[str] = set()
         self._decoded: dict[str, tuple[list[Choice], int]] = {}  # request -> (its choices, steps decoded)
+        self._first_token: dict[str, float] = {}  # request -> perf_counter when its first token was out
         self._admit = asyncio.Event()  # cleared while paused: new requests wait
         self._admit.set()
         self._running = asyncio.Event()  # cleared in pause(mode="keep"): in-flight requests freeze
@@ -234,12 +235,14 @@ class FakeBackend(BaseBackend):
         finally:
             self._tasks.pop(request.request_id, None)
             self._decoded.pop(request.request_id, None)
+            first = self._first_token.pop(request.request_id, None)
         return GenerateResult(
             request_id=request.request_id,
             prompt_token_ids=list(request.prompt_token_ids),
             choices=choices,
             engine_id=self.engine_id,
             elapsed_s=time.perf_counter() - start,
+            ttft_s=first - start if first is not None else None,
         )
 
     def _num_choices(self, request: GenerateRequest) -> int:
@@ -299,12 +302,15 @@ class FakeBackend(BaseBackend):
                 )
             )
         decode_steps = max((len(c.token_ids) for c in choices), default=0)
+        if decode_steps and not opts.decode_latency_per_token_s:  # every token is out after the prefill
+            self._first_token[request.request_id] = time.perf_counter()
         if opts.decode_latency_per_token_s and decode_steps:
             for step in range(decode_steps):
                 self._decoded[request.request_id] = (choices, step)
                 await self._running.wait()
                 await asyncio.sleep(opts.decode_latency_per_token_s)
                 self.decode_steps += 1
+                self._first_token.setdefault(request.request_id, time.perf_counter())
                 for c in choices:  # the token at this step comes from the weights loaded now
                     if step < len(c.weight_versions):
                         c.weight_versions[step] = self.weight_version

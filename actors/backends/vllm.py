@@ -9,6 +9,7 @@ finish reason out. The engine core runs in vLLM's own subprocess or in this proc
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -205,11 +206,15 @@ class VLLMBackend(BaseBackend):
         from vllm.exceptions import VLLMClientError
 
         final = None
+        t0 = time.perf_counter()
+        ttft: float | None = None
         try:
             async for out in self.engine.generate(
                 TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)), sp, request.request_id
             ):
                 final = out
+                if ttft is None and any(c.token_ids for c in out.outputs):
+                    ttft = time.perf_counter() - t0
         except VLLMClientError as exc:  # the request itself is invalid (e.g. n > 1 with greedy)
             raise RequestError(f"vLLM rejected the request: {exc}") from exc
         if final is None:
@@ -238,6 +243,7 @@ class VLLMBackend(BaseBackend):
             request_id=request.request_id,
             prompt_token_ids=list(final.prompt_token_ids or request.prompt_token_ids),
             choices=choices,
+            ttft_s=ttft,
             engine_id=self.engine_id,
         )
 

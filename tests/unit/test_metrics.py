@@ -51,6 +51,12 @@ def test_pool_metrics_count_the_requests_made(fake_pool: ip.Pool) -> None:
         if k.startswith("inferpool_request_latency_seconds") and "eval" in k and k.endswith(":count")
     )
     assert hist >= 12
+    ttft = sum(
+        after.get(k, 0) - before.get(k, 0)
+        for k in after
+        if k.startswith("inferpool_time_to_first_token_seconds") and k.endswith(":count")
+    )
+    assert ttft == 12
     for eid in fake_pool.engine_ids():
         assert after[f"engine/{eid}/eval/request_count"] >= 1
         assert after[f"engine/{eid}/eval/request_mean_s"] >= 0

@@ -235,5 +235,7 @@ async def test_engines_added_or_restarted_later_load_the_latest_weights(ray_sess
             assert time.monotonic() < deadline, "the restarted engine never loaded the latest weights"
             await asyncio.sleep(0.1)
         assert st.weight_updates == 1  # loaded once, by the router, after the restart
+        snapshot = await handle.metrics_snapshot.remote()
+        assert snapshot["inferpool_weight_version{engine=e1}"] == pool.stats()["versions"]["k1"] == 1
     finally:
         pool.shutdown()
