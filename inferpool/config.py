@@ -209,7 +209,8 @@ class WeightTransferConfig(ConfigModel):
         "object_store",
         description="'object_store': one ray.put per chunk, every engine fetches and loads (any backend, "
         "CPU or GPU). 'nccl': vLLM's NCCL broadcast from the trainer's GPU (separate GPUs). 'ipc': vLLM's "
-        "CUDA IPC handles (engines colocated on the trainer's GPU). 'gloo': the same broadcast protocol over "
+        "CUDA IPC handles (engines colocated on the trainer's GPU); for SGLang engines 'nccl' is SGLang's "
+        "update_weights_from_distributed. 'gloo': the same broadcast protocol over "
         "a CPU process group (CPU vLLM and fake engines). Native methods need update_weights to be called "
         "in the process that holds the tensors.",
     )
@@ -261,11 +262,17 @@ class PoolConfig(ConfigModel):
         method = self.weight_transfer.method
         if method == "object_store":
             return self
-        native = {"nccl": ("vllm",), "ipc": ("vllm",), "gloo": ("vllm", "fake")}[method]
-        bad = sorted({e.backend for e in self.engines if e.backend not in native})
+        native = {"nccl": ("vllm", "sglang"), "ipc": ("vllm",), "gloo": ("vllm", "fake")}[method]
+        kinds = sorted({e.backend for e in self.engines})
+        bad = [k for k in kinds if k not in native]
         if bad:
             raise ValueError(
                 f"weight_transfer.method {method!r} is supported by {list(native)} engines, not {bad}; "
-                "use 'object_store' (SGLang loads it with update_weights_from_tensor)"
+                "use 'object_store' (any backend)"
+            )
+        if len(kinds) > 1:
+            raise ValueError(
+                f"weight_transfer.method {method!r} needs one engine backend in the pool, got {kinds} "
+                "(the trainer side differs per backend); use 'object_store' for mixed pools"
             )
         return self

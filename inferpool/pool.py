@@ -948,7 +948,8 @@ class Pool:
         self._drop_sender()
         infos = {i.engine_id: i for i in get_ref(self._router.engine_infos.remote(), _CONTROL_TIMEOUT_S, "router")}
         engines = [(eid, handles[eid], infos[eid].transfer_ranks if eid in infos else 1) for eid in sorted(handles)]
-        self._sender = NativeSender.form(self.config.weight_transfer, PoolWeightSyncClient(engines, "keep", timeout_s))
+        client = PoolWeightSyncClient(engines, "keep", timeout_s)
+        self._sender = NativeSender.form(self.config.weight_transfer, client, self.config.engines[0].backend)
         logger.info("pool %r: weight transfer group formed with %d engines", self.name, len(engines))
         return self._sender
 

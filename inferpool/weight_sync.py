@@ -15,6 +15,9 @@ trainer's process:
 - :class:`GlooTrainer` is the trainer side of the ``gloo`` method: the same protocol
   over a CPU process group (torch's Gloo), for CPU engines and for testing the
   whole path without a GPU.
+- :class:`TorchGroupTrainer` is the trainer side for SGLang engines (``nccl``): a
+  torch.distributed group the engines join with ``init_weights_update_group``, tensors
+  received with ``update_weights_from_distributed``.
 - :func:`open_gloo_group` / :func:`gloo_broadcast` are shared by the trainer and the
   receiving sides (vLLM worker extension, fake engine).
 """
@@ -157,6 +160,100 @@ class GlooTrainer:
         self.group = None
 
 
+# -- the trainer side for SGLang engines (torch.distributed groups) ---------------------------
+def init_torch_group(
+    backend: str, master_address: str, master_port: int, rank: int, world_size: int, group_name: str, timeout_s: float
+) -> Any:
+    """A torch.distributed process group beside the default one, formed as SGLang's
+    ``init_weights_update_group`` forms the engines' side: a ``tcp://`` rendezvous and a store
+    prefixed with the group name. SGLang's own helper is used when it is installed."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    init_method = f"tcp://{master_address}:{master_port}"
+    try:
+        from sglang.srt.utils import init_custom_process_group
+    except ImportError:
+        pass
+    else:
+        return init_custom_process_group(
+            backend=backend,
+            init_method=init_method,
+            timeout=timeout,
+            world_size=world_size,
+            rank=rank,
+            group_name=group_name,
+        )
+    from torch.distributed import distributed_c10d as c10d
+
+    store, rank, world_size = next(c10d.rendezvous(init_method, rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    made = c10d._new_process_group_helper(
+        world_size, rank, [], backend, c10d.PrefixStore(group_name, store), group_name=group_name, timeout=timeout  # type: ignore[arg-type]
+    )
+    group = made[0] if isinstance(made, tuple) else made
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
+
+
+class TorchGroupTrainer:
+    """Trainer side for SGLang engines (``nccl``): rank 0 of a torch.distributed group the
+    engines join through SGLang's ``init_weights_update_group``; tensors go out with
+    ``torch.distributed.broadcast`` while the engines run ``update_weights_from_distributed``."""
+
+    def __init__(self, client: Any, group: Any) -> None:
+        self.client = client
+        self.group = group
+
+    @classmethod
+    def trainer_init(
+        cls,
+        backend: str,
+        master_address: str,
+        master_port: int,
+        world_size: int,
+        client: Any,
+        timeout_s: float,
+        group_name: str = GLOO_GROUP_PREFIX,
+    ) -> TorchGroupTrainer:
+        info = {
+            "master_address": master_address,
+            "master_port": master_port,
+            "rank_offset": 1,
+            "world_size": world_size,
+            "group_name": group_name,
+            "backend": backend,
+        }
+        with ThreadPoolExecutor(max_workers=1) as exe:
+            joined = exe.submit(client.init_weight_transfer_engine, info)
+            group = init_torch_group(backend, master_address, master_port, 0, world_size, group_name, timeout_s)
+            joined.result()
+        return cls(client, group)
+
+    def send_weights(self, named: list[tuple[str, Any]]) -> None:
+        import torch.distributed as dist
+
+        meta = tensor_meta(named)
+        self.client.start_weight_update()
+        exe = ThreadPoolExecutor(max_workers=1)
+        try:
+            received = exe.submit(self.client.update_weights, asdict(meta))
+            for _, tensor in named:
+                dist.broadcast(tensor.detach().contiguous(), src=0, group=self.group)
+            received.result()
+        finally:
+            exe.shutdown(wait=False)  # a failed broadcast leaves receivers blocked; do not join them
+        self.client.finish_weight_update()
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if self.group is not None:
+            try:
+                dist.destroy_process_group(self.group)
+            except Exception:  # already torn down
+                logger.debug("could not destroy the weight update group", exc_info=True)
+            self.group = None
+
+
 # -- the inference side, fanned out over the pool ---------------------------------------------
 class PoolWeightSyncClient:
     """vLLM's ``VLLMWeightSyncClient`` protocol for every engine of a pool (synchronous).
@@ -247,8 +344,9 @@ class NativeSender:
         self.source = source
 
     @classmethod
-    def form(cls, config: Any, client: PoolWeightSyncClient) -> NativeSender:
-        """Rendezvous with every engine of ``client`` by ``config`` (a WeightTransferConfig)."""
+    def form(cls, config: Any, client: PoolWeightSyncClient, engine_backend: str = "vllm") -> NativeSender:
+        """Rendezvous with every engine of ``client`` by ``config`` (a WeightTransferConfig);
+        ``engine_backend`` is the pool's engine kind (SGLang engines take a torch.distributed group)."""
         method = config.method
         address = config.master_address or node_address()
         port = config.master_port or free_port()
@@ -256,6 +354,9 @@ class NativeSender:
         if method == "gloo":
             gloo = GlooTrainer.trainer_init(address, port, client.world_size, client, config.timeout_s)
             return cls(client, gloo)
+        if engine_backend == "sglang":
+            group = TorchGroupTrainer.trainer_init(method, address, port, client.world_size, client, config.timeout_s)
+            return cls(client, group)
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
         info: Any
@@ -277,7 +378,7 @@ class NativeSender:
         return cls(client, trainer, source)
 
     def send(self, named: list[tuple[str, Any]]) -> None:
-        if isinstance(self.trainer, GlooTrainer):
+        if isinstance(self.trainer, GlooTrainer | TorchGroupTrainer):
             self.trainer.send_weights(named)
             return
         self.source.named = named

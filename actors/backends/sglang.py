@@ -429,6 +429,7 @@ class SGLangBackend(BaseBackend):
         self.seed_field = seed_field
         self.engine: Any = None
         self.weight_version: int | str | None = 0
+        self._group_name = "weight_update_group"  # the trainer group joined by init_weight_transfer
         self._loop: _EngineLoop | None = None
         self._model = ""
         self._memory_saver = False
@@ -822,7 +823,7 @@ class SGLangBackend(BaseBackend):
             "seconds": time.perf_counter() - start,
         }
 
-    async def init_weight_transfer(
+    async def join_weight_update_group(
         self,
         master_address: str,
         master_port: int,
@@ -848,6 +849,29 @@ class SGLangBackend(BaseBackend):
         if not ok:
             raise BackendError(f"SGLang engine {self.engine_id}: init_weights_update_group failed: {message}")
 
+    # -- the pool's native-transfer protocol (inferpool.weight_sync.TorchGroupTrainer drives it) --
+    async def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        if self.weight_transfer != "nccl":
+            raise self._no_native()
+        fields = ("master_address", "master_port", "rank_offset", "world_size", "group_name", "backend")
+        await self.join_weight_update_group(**{k: init_info[k] for k in fields if k in init_info})
+        self._group_name = str(init_info.get("group_name", "weight_update_group"))
+
+    async def start_weight_update(self) -> None:
+        """Nothing to prepare: SGLang loads each broadcast tensor as it arrives."""
+
+    async def receive_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> int:
+        info = update_info[0] if isinstance(update_info, list) else update_info
+        current = self.weight_version
+        out = await self.load_weights_from_distributed(
+            info["names"], info["dtype_names"], info["shapes"], group_name=self._group_name, flush_cache=False
+        )
+        self.weight_version = current  # finish_weight_update labels the whole update
+        return int(out["num_tensors"])
+
+    async def finish_weight_update(self, version: int | str) -> None:
+        await self.set_weight_version(version)
+
     async def load_weights_from_distributed(
         self,
         names: list[str],
@@ -858,7 +882,7 @@ class SGLangBackend(BaseBackend):
         group_name: str = "weight_update_group",
         flush_cache: bool = True,
     ) -> dict[str, Any]:
-        """Receive tensors the trainer broadcasts over the group of ``init_weight_transfer``
+        """Receive tensors the trainer broadcasts over the group of ``join_weight_update_group``
         (SGLang ``update_weights_from_distributed``; the trainer broadcasts them in this
         order while this call runs). Sets ``weight_version`` like ``load_weights``."""
         engine = self._require_engine()

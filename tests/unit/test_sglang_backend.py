@@ -727,7 +727,7 @@ async def test_a_refused_weight_update_keeps_the_old_version(make: Make) -> None
 async def test_distributed_weight_transfer_calls(make: Make) -> None:
     backend = await make()
     engine = fake(backend)
-    await backend.init_weight_transfer("10.0.0.1", 29500, rank_offset=1, world_size=2)
+    await backend.join_weight_update_group("10.0.0.1", 29500, rank_offset=1, world_size=2)
     assert engine.of("init_weights_update_group") == [
         {"master_address": "10.0.0.1", "master_port": 29500, "rank_offset": 1, "world_size": 2,
          "group_name": "weight_update_group", "backend": "nccl"}
@@ -739,6 +739,26 @@ async def test_distributed_weight_transfer_calls(make: Make) -> None:
     (call,) = engine.of("update_weights_from_distributed")
     assert call == {"names": ["a", "b"], "dtypes": ["bfloat16", "float32"], "shapes": [[2, 3], [4]],
                     "group_name": "weight_update_group", "flush_cache": True}  # fmt: skip
+
+
+async def test_the_pools_native_protocol_maps_to_sglangs_distributed_update(make: Make) -> None:
+    backend = await make()
+    engine = fake(backend)
+    with pytest.raises(RequestError, match="object_store"):  # only when the pool was configured for nccl
+        await backend.init_weight_transfer({"master_address": "h", "master_port": 1, "rank_offset": 1, "world_size": 2})
+    backend.weight_transfer = "nccl"
+    init = {"master_address": "h", "master_port": 7, "rank_offset": 3, "world_size": 5, "group_name": "g"}
+    await backend.init_weight_transfer(init)
+    assert engine.of("init_weights_update_group") == [{**init, "backend": "nccl"}]
+    await backend.start_weight_update()
+    n = await backend.receive_weights({"names": ["w"], "dtype_names": ["bfloat16"], "shapes": [[2, 2]]})
+    assert n == 1 and backend.weight_version == 0  # labelled only when the update finishes
+    (call,) = engine.of("update_weights_from_distributed")
+    assert call["group_name"] == "g" and call["flush_cache"] is False and call["dtypes"] == ["bfloat16"]
+    await backend.finish_weight_update("step-3")
+    assert backend.weight_version == "step-3"
+    (choice,) = (await backend.generate(req())).choices
+    assert set(choice.weight_versions) == {"step-3"}
 
 
 # -- SGLangEngineHandle: the control calls on the tokenizer manager -----------------------------

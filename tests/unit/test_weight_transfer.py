@@ -239,3 +239,64 @@ async def test_engines_added_or_restarted_later_load_the_latest_weights(ray_sess
         assert snapshot["inferpool_weight_version{engine=e1}"] == pool.stats()["versions"]["k1"] == 1
     finally:
         pool.shutdown()
+
+
+# -- the torch.distributed trainer used for SGLang engines (here over Gloo, receiver in an actor) --
+@ray.remote(num_cpus=0)
+class GroupReceiver:
+    """Joins like an SGLang engine's init_weights_update_group, receives like update_weights_from_distributed."""
+
+    def join(self, info: dict[str, Any]) -> None:
+        from inferpool.weight_sync import init_torch_group
+
+        self.group = init_torch_group(
+            info["backend"], info["master_address"], info["master_port"], info["rank_offset"],
+            info["world_size"], info["group_name"], 60.0,
+        )  # fmt: skip
+
+    def receive(self, meta: dict[str, Any]) -> dict[str, float]:
+        import torch.distributed as dist
+
+        out = {}
+        for name, dtype, shape in zip(meta["names"], meta["dtype_names"], meta["shapes"], strict=True):
+            tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+            dist.broadcast(tensor, src=0, group=self.group)
+            out[name] = float(tensor.double().sum())
+        return out
+
+
+class ReceiverClient:
+    """The four-method client the trainer drives, over one receiving actor."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+        self.calls: list[str] = []
+        self.received: dict[str, float] = {}
+
+    def init_weight_transfer_engine(self, info: dict[str, Any]) -> None:
+        self.calls.append("init")
+        ray.get(self.actor.join.remote(info), timeout=60)
+
+    def start_weight_update(self) -> None:
+        self.calls.append("start")
+
+    def update_weights(self, meta: dict[str, Any]) -> None:
+        self.calls.append("update")
+        self.received = ray.get(self.actor.receive.remote(meta), timeout=60)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.calls.append("finish")
+
+
+def test_torch_group_trainer_broadcasts_to_a_receiver_in_another_process(ray_session: None) -> None:
+    from inferpool.weight_sync import TorchGroupTrainer, free_port
+
+    client = ReceiverClient(GroupReceiver.remote())
+    trainer = TorchGroupTrainer.trainer_init("gloo", "127.0.0.1", free_port(), 2, client, 60.0)
+    try:
+        sent = state_dict(7)
+        trainer.send_weights(list(sent.items()))
+        assert client.received == pytest.approx(digests(sent))
+        assert client.calls == ["init", "start", "update", "finish"]
+    finally:
+        trainer.shutdown()
