@@ -882,8 +882,7 @@ class Pool:
             if isinstance(weights, ray.ObjectRef):
                 weights = await await_ref(weights, timeout_s, "weights")
             named = as_named_tensors(weights)
-            label = await self._record_version(version)
-            index = await await_ref(self._router.version_index.remote(label), _CONTROL_TIMEOUT_S, "router")
+            label, index = await self._record_version(version)
             out = await asyncio.to_thread(self._send_native, named, label, pause_mode, timeout_s, index)
             await await_ref(self._router.set_latest_weights.remote([], label), _CONTROL_TIMEOUT_S, "router")
             return {"version": label, "seconds": time.perf_counter() - t0, "method": method, **out}
@@ -891,8 +890,7 @@ class Pool:
             refs, nbytes = [weights], 0
         else:
             refs, nbytes = self._put_chunks(weights, chunk_bytes)
-        label = await self._record_version(version)
-        index = await await_ref(self._router.version_index.remote(label), _CONTROL_TIMEOUT_S, "router")
+        label, index = await self._record_version(version)
         per_engine = await self._broadcast(
             "update_weights", lambda h: h.update_weights.remote(refs, label, pause_mode, index), timeout_s
         )
@@ -909,9 +907,11 @@ class Pool:
             "engines": per_engine,
         }
 
-    async def _record_version(self, version: int | str | None) -> int | str:
+    async def _record_version(self, version: int | str | None) -> tuple[int | str, int | None]:
+        """Register an update with the router: its label and its index in the pool's history."""
         label: int | str = await await_ref(self._router.record_version.remote(version), _CONTROL_TIMEOUT_S, "router")
-        return label
+        index: int | None = await await_ref(self._router.version_index.remote(label), _CONTROL_TIMEOUT_S, "router")
+        return label, index
 
     def _send_native(
         self,
