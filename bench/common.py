@@ -21,8 +21,9 @@ import logging
 import math
 import os
 import platform
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -139,8 +140,19 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def ray_address() -> str:
+    """Where the benchmarks' Ray runs: ``RAY_ADDRESS`` when set (an existing cluster), else ``"local"``.
+
+    ``"local"`` always starts a new Ray instance owned by this process: ``ray.init()`` with no
+    address would attach to the most recent ``ray start`` cluster on the machine
+    (``/tmp/ray/ray_current_cluster``), whose load or leftovers would be measured too.
+    """
+    return os.environ.get("RAY_ADDRESS") or "local"
+
+
 def ensure_ray() -> bool:
-    """Start a quiet local Ray unless one is already initialised; True when started here.
+    """Start a quiet Ray (see :func:`ray_address`) unless one is already initialised; True when
+    started here.
 
     Engine logs stay in Ray's log files (``log_to_driver=False``) so the benchmark output
     holds only figures.
@@ -151,6 +163,7 @@ def ensure_ray() -> bool:
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
+        address=ray_address(),
         include_dashboard=False,
         log_to_driver=False,
         namespace=BENCH_NAMESPACE,
@@ -158,3 +171,153 @@ def ensure_ray() -> bool:
         logging_level=logging.WARNING,
     )
     return True
+
+
+# -- CPU accounting ---------------------------------------------------------------------------
+class CpuMeter:
+    """CPU seconds used during a block by this process and its descendants, and by every other process.
+
+    When this process started Ray (:func:`ensure_ray`), its descendants are the whole local
+    Ray instance (GCS, raylet, every worker and actor) plus any subprocess a benchmark
+    started, so ``own_s`` is what the benchmark costs in CPU and ``others_s`` what other
+    processes took from the same cores meanwhile. Both are per-process differences between
+    the start and the end of the block: a process that started meanwhile counts from 0, one
+    that exited meanwhile is not counted at all (its CPU time is gone with it), so both are
+    lower bounds; exact for a block in which no process exits (a measurement, as opposed to
+    a benchmark that shuts its pools down). Needs ``psutil`` (a dependency of Ray and vLLM);
+    without it every figure is NaN.
+
+    ``with CpuMeter() as cpu: ...`` then ``cpu.own_share`` / ``cpu.busy_share``: the
+    fraction of all cores' time (``wall x cores``) used by ours / by all processes.
+    """
+
+    def __init__(self) -> None:
+        self.own_s = math.nan
+        self.others_s = math.nan
+        self.wall_s = 0.0
+        self.cores = os.cpu_count() or 1
+        self._start: tuple[dict[int, float], dict[int, float], float] | None = None
+        self._t0 = 0.0
+
+    @staticmethod
+    def _sample() -> tuple[dict[int, float], dict[int, float], float] | None:
+        """CPU seconds of each process of ours and of each other process (by pid), and the time."""
+        try:
+            import psutil
+        except ImportError:
+            return None
+        parent: dict[int, int] = {}
+        cpu: dict[int, float] = {}
+        for proc in psutil.process_iter(["ppid", "cpu_times"]):
+            times = proc.info["cpu_times"]
+            if times is None:  # exited meanwhile, or not ours to read
+                continue
+            parent[proc.pid] = proc.info["ppid"] or 0
+            cpu[proc.pid] = times.user + times.system
+        me = os.getpid()
+        ours: dict[int, float] = {}
+        others: dict[int, float] = {}
+        for pid, seconds in cpu.items():
+            node, hops = pid, 0
+            while node not in (me, 0, 1) and hops < 64:  # walk up to this process or the root
+                node, hops = parent.get(node, 0), hops + 1
+            (ours if node == me else others)[pid] = seconds
+        return ours, others, time.perf_counter()
+
+    @staticmethod
+    def _delta(before: dict[int, float], after: dict[int, float]) -> float:
+        return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+    def __enter__(self) -> CpuMeter:
+        self._start = self._sample()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._sample()
+        self.wall_s = time.perf_counter() - self._t0
+        if self._start is not None and end is not None:
+            self.own_s = self._delta(self._start[0], end[0])
+            self.others_s = self._delta(self._start[1], end[1])
+            self.wall_s = end[2] - self._start[2]
+
+    @property
+    def own_share(self) -> float:
+        """Our processes' CPU time / (wall x cores)."""
+        return ratio(self.own_s, self.wall_s * self.cores)
+
+    @property
+    def busy_share(self) -> float:
+        """All processes' CPU time (ours and others') / (wall x cores)."""
+        return ratio(self.own_s + self.others_s, self.wall_s * self.cores)
+
+
+# -- resources shared by several benchmarks of one run ------------------------------------------
+_shared: dict[str, tuple[Any, Callable[[Any], None]]] | None = None
+_teardowns: list[threading.Thread] | None = None
+
+
+@contextmanager
+def shared_scope() -> Iterator[None]:
+    """Within this block, :func:`borrow` keeps what it started for the next benchmark that asks
+    for the same key, :func:`finish_later` runs teardowns in the background, and at the end of
+    the block every teardown is waited for and every shared resource stopped (the runner opens
+    one around the whole run). Outside it, both act at once, per use."""
+    global _shared, _teardowns
+    outer, _shared = _shared, {}
+    outer_teardowns, _teardowns = _teardowns, []
+    try:
+        yield
+    finally:
+        held, _shared = _shared, outer
+        pending, _teardowns = _teardowns, outer_teardowns
+        for thread in pending:
+            thread.join()
+        for obj, stop in reversed(list(held.values())):
+            try:
+                stop(obj)
+            except Exception:
+                logging.getLogger(__name__).warning("stopping a shared benchmark resource failed", exc_info=True)
+
+
+def finish_later(teardown: Callable[[], None], name: str) -> None:
+    """Run ``teardown`` (stopping engines, which mostly waits on processes to exit) in a background
+    thread within a :func:`shared_scope`, so the next benchmark starts meanwhile; at once outside
+    one. Errors are logged, not raised: the figures are already measured."""
+
+    def guarded() -> None:
+        try:
+            teardown()
+        except Exception:
+            logging.getLogger(__name__).warning("teardown of %s failed", name, exc_info=True)
+
+    if _teardowns is None:
+        guarded()
+        return
+    thread = threading.Thread(target=guarded, name=f"teardown-{name}", daemon=True)
+    thread.start()
+    _teardowns.append(thread)
+
+
+@contextmanager
+def borrow(key: str, start: Callable[[], Any], stop: Callable[[Any], None]) -> Iterator[Any]:
+    """``start()`` once per :func:`shared_scope` for ``key`` (e.g. a pool of fake engines that two
+    benchmarks use), or once per use outside a scope; ``stop(obj)`` when the scope (or the use)
+    ends. A borrower sets the state it needs (e.g. ``pool.scale(k)``) instead of assuming the
+    state it finds; a use that raises stops the object, so the next borrower starts a fresh one."""
+    scope = _shared
+    if scope is None:
+        obj = start()
+        try:
+            yield obj
+        finally:
+            stop(obj)
+        return
+    if key not in scope:
+        scope[key] = (start(), stop)
+    try:
+        yield scope[key][0]
+    except BaseException:
+        obj, _ = scope.pop(key)
+        stop(obj)
+        raise

@@ -53,7 +53,9 @@ def goal_line(g: dict[str, Any]) -> str:
 def benchmark(res: dict[str, Any]) -> str:
     """One benchmark's section: params, figures, goals, notes (or its error)."""
     load = res.get("load_average_end") or []
-    lines = [f"-- {res['name']} ({res.get('seconds', 0.0):.1f} s; 1-min load at end {_load(load[:1])}) --"]
+    cpu = res.get("cpu_s") or {}
+    cpu_text = f"; CPU s: ours {fmt(cpu['ours'])}, others {fmt(cpu['others'])}" if cpu else ""
+    lines = [f"-- {res['name']} ({res.get('seconds', 0.0):.1f} s{cpu_text}; 1-min load at end {_load(load[:1])}) --"]
     if "error" in res:
         lines.append(f"  ERROR {res['error']}")
         return "\n".join(lines)
@@ -67,13 +69,25 @@ def benchmark(res: dict[str, Any]) -> str:
 
 
 def footer(results: Sequence[dict[str, Any]], total_s: float, load_end: Sequence[float] = (), cpus: int = 1) -> str:
-    """Total duration, goals met, the load at the end, and a warning when the 1-minute load
-    after any benchmark exceeded the CPU count (other processes shared the cores)."""
+    """Total duration, goals met, the load at the end, the CPU seconds this run and other processes
+    used, and a warning when other processes took more than a tenth of the CPUs (without CPU
+    figures: when the 1-minute load after any benchmark exceeded the CPU count)."""
     goals = [g for r in results for g in r.get("goals", [])]
     met = sum(1 for g in goals if g["met"])
     errors = [r["name"] for r in results if "error" in r]
     tail = f"; errors in {', '.join(errors)}" if errors else ""
     lines = [f"== total {total_s:.1f} s; goals met {met}/{len(goals)}{tail}; load average at end: {_load(load_end)} =="]
+    cpu = [r["cpu_s"] for r in results if r.get("cpu_s")]
+    ours = sum(c["ours"] for c in cpu)
+    others = sum(c["others"] for c in cpu)
+    if cpu and math.isfinite(ours) and math.isfinite(others):
+        lines.append(f"CPU seconds ({cpus} CPUs, {total_s:.1f} s): this run {ours:.1f}, other processes {others:.1f}")
+        if others > 0.1 * total_s * cpus:
+            lines.append(
+                f"WARNING: other processes used {others / (total_s * cpus):.0%} of the {cpus} CPUs during the run, "
+                "so these timings and ratios are noisy"
+            )
+        return "\n".join(lines)
     loads = [r["load_average_end"][0] for r in results if r.get("load_average_end")]
     if max(loads, default=0.0) > cpus:
         lines.append(

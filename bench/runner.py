@@ -44,11 +44,12 @@ BENCHMARKS: dict[str, str] = {
     "pool_vs_raw": "bench.pool_vs_raw",  # issue 2: pool generate vs raw AsyncLLM (vLLM)
     "router_capacity": "bench.router_capacity",  # issue 8: decisions/s, added latency
     "scaling": "bench.scaling",  # issue 9: fake engines, efficiency vs linear
-    "state_ref_vs_json": "bench.state_ref_vs_json",  # issue 3: session state via ObjectRef vs JSON/HTTP
     "weight_push": "bench.weight_push",  # issue 7: update_weights bytes/s vs ray.put + ray.get
+    "state_ref_vs_json": "bench.state_ref_vs_json",  # issue 3: session state via ObjectRef vs JSON/HTTP
     "routing_policies": "bench.routing_policies",  # issue 8: affinity / prefix-aware vs least-loaded
 }
-"""Benchmark name -> module with ``run(quick: bool) -> dict``; run in this order."""
+"""Benchmark name -> module with ``run(quick: bool) -> dict``; run in this order (``weight_push``
+right after ``scaling``: it reuses the same pool of fake engines, see :func:`bench.common.borrow`)."""
 
 
 def register(name: str, module: str) -> None:
@@ -105,18 +106,22 @@ def _selected(only: str) -> list[str]:
 
 def run_one(name: str, quick: bool) -> dict[str, Any]:
     """Import and run one benchmark; an exception becomes an ``error`` entry, not a crash."""
-    from bench.common import load_average
+    from bench.common import CpuMeter, load_average
 
     t0 = time.perf_counter()
-    try:
-        module = importlib.import_module(BENCHMARKS[name])
-        res: dict[str, Any] = module.run(quick=quick)
-    except Exception as exc:
-        traceback.print_exc()  # the whole story on stderr; the report keeps the first line
-        first = (str(exc).strip().splitlines() or [""])[0]
-        res = {"name": name, "error": f"{type(exc).__name__}: {first}"}
+    with CpuMeter() as cpu:
+        try:
+            module = importlib.import_module(BENCHMARKS[name])
+            res: dict[str, Any] = module.run(quick=quick)
+        except Exception as exc:
+            traceback.print_exc()  # the whole story on stderr; the report keeps the first line
+            first = (str(exc).strip().splitlines() or [""])[0]
+            res = {"name": name, "error": f"{type(exc).__name__}: {first}"}
     res["seconds"] = time.perf_counter() - t0
     res["load_average_end"] = load_average()
+    # CPU seconds of this run's processes (this one, the Ray it started, subprocesses) and of all
+    # others, both lower bounds: processes that exited during the benchmark are not counted
+    res["cpu_s"] = {"ours": round(cpu.own_s, 1), "others": round(cpu.others_s, 1)}
     return res
 
 
@@ -126,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
 
     from bench import report
-    from bench.common import load_average, machine_info
+    from bench.common import load_average, machine_info, shared_scope
 
     args = build_parser().parse_args(argv)
     if args.list:
@@ -145,12 +150,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
     ray_was_up = ray.is_initialized()
+    ray_info: dict[str, Any] = {"address": None, "started_by_bench": False}
     try:
-        for name in names:
-            res = run_one(name, args.quick)
-            results.append(res)
-            print(report.benchmark(res), flush=True)
+        # the first benchmark that needs Ray starts it (bench.common.ensure_ray) and the rest share it;
+        # within this scope benchmarks also share pools (bench.common.borrow)
+        with shared_scope():
+            for name in names:
+                res = run_one(name, args.quick)
+                results.append(res)
+                print(report.benchmark(res), flush=True)
     finally:
+        if ray.is_initialized():
+            ray_info = {"address": ray.get_runtime_context().gcs_address, "started_by_bench": not ray_was_up}
         if not ray_was_up and ray.is_initialized():
             ray.shutdown()
     total = time.perf_counter() - started
@@ -162,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": machine,
             "load_average_end": load_end,
             "total_s": total,
+            "ray": ray_info,
             "results": results,
         }
         path = Path(args.json)
