@@ -1,9 +1,13 @@
 """Pool vs raw engine: generated tokens/s through the pool against vLLM's ``AsyncLLM`` called directly.
 
-Same tiny model (``ip.tiny_model()``), same engine settings (float32, seed 0,
-gpu_memory_utilization 0.1, max_model_len 2048) and the same saturating load: every
-prompt submitted at once, ``ignore_eos`` so each request samples exactly ``max_tokens``
-tokens at temperature 1. Three paths:
+Same tiny model (``ip.tiny_model()``), the same engine and the same saturating load:
+every prompt submitted at once, ``ignore_eos`` so each request samples exactly
+``max_tokens`` tokens at temperature 1. Both engines are built from one
+:class:`~inferpool.config.EngineConfig` (float32, seed 0, gpu_memory_utilization 0.1,
+max_model_len 2048) through the vLLM backend's own argument builder, so the raw engine
+gets exactly the ``AsyncEngineArgs`` the pool's engine gets (on CPU that includes the
+backend's defaults: ``enforce_eager``, the ``uni`` executor) and the same process
+environment (``engine_actor_options``). Three paths:
 
 - ``raw``: ``AsyncLLM.generate`` for every prompt under one ``asyncio.gather``, in a
   subprocess of its own (:mod:`bench.raw_engine`);
@@ -12,8 +16,8 @@ tokens at temperature 1. Three paths:
 
 Both engines get the same OpenMP thread count: by default the one Ray gives the pool's
 engine actor (``OMP_NUM_THREADS`` = its CPUs rounded down, at least 1: 1 for a CPU vLLM
-engine), which vLLM's single-process CPU executor uses for torch; a raw process would
-otherwise use every core. ``INFERPOOL_BENCH_OMP_THREADS`` sets both.
+engine), which vLLM's CPU worker uses for torch; a raw process would otherwise use every
+core. ``INFERPOOL_BENCH_OMP_THREADS`` sets both.
 
 The raw engine and the pool (one vLLM engine replica) start at the same time, then the
 paths are measured one at a time, never together, in rotating order, after one warm-up
@@ -36,7 +40,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import Stopwatch, ensure_ray, goal, ratio, result
+from bench.common import Stopwatch, ensure_ray, finish_later, goal, ratio, result
 from bench.raw_engine import RawEngine
 
 RATIO_GOAL = 0.98
@@ -48,7 +52,7 @@ PATHS = ("raw", "pool_generate", "pool_batch")
 # size -> (prompts, prompt tokens, max_tokens, repeats)
 SIZES: dict[str, tuple[int, int, int, int]] = {
     "full": (256, 32, 64, 5),
-    "quick": (64, 32, 64, 3),
+    "quick": (64, 32, 32, 2),
     "tiny": (8, 16, 8, 1),
 }
 
@@ -69,7 +73,20 @@ def _pool_config(model: str) -> Any:
     )
     omp = omp_threads(engine)
     engine = engine.model_copy(update={"env_vars": {**engine.env_vars, "OMP_NUM_THREADS": str(omp)}})
-    return ip.PoolConfig(name="bench-pool-vs-raw", namespace="inferpool-bench", engines=[engine])
+    return ip.PoolConfig(
+        name="bench-pool-vs-raw",
+        namespace="inferpool-bench",
+        engines=[engine],
+        sessions=ip.SessionConfig(shards=1),  # no managed sessions here: one store, one process less
+    )
+
+
+def engine_env(engine: Any) -> dict[str, str]:
+    """The environment variables the pool gives this engine's actor process (the raw engine gets them too)."""
+    from inferpool.actors.engine import engine_actor_options
+
+    env: dict[str, str] = engine_actor_options(engine, "raw", "raw", False)["runtime_env"]["env_vars"]
+    return dict(env)
 
 
 def omp_threads(engine: Any) -> int:
@@ -133,25 +150,34 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     prompts = make_prompts(count, length)
     model = ip.tiny_model()
     log_path = Path(tempfile.mkstemp(prefix="inferpool-bench-raw-", suffix=".log")[1])
-    raw_kwargs = {"dtype": DTYPE, "seed": SEED, "disable_log_stats": True, **ENGINE_KWARGS}
     pool_config = _pool_config(model)
-    omp = pool_config.engines[0].env_vars["OMP_NUM_THREADS"]
-    # The raw engine starts now, alongside Ray and the pool, with the same OpenMP threads.
-    raw = RawEngine(model, raw_kwargs, log_path, env={"OMP_NUM_THREADS": omp})
+    engine = pool_config.engines[0]
+    omp = engine.env_vars["OMP_NUM_THREADS"]
+    # The raw engine starts now, alongside Ray and the pool: same engine config, same environment.
+    raw = RawEngine(engine.model_dump_json(), log_path, env=engine_env(engine))
+    pool: Any = None
+
+    def teardown() -> None:
+        try:
+            raw.request_stop()  # the raw engine shuts down while the pool does
+            if pool is not None:
+                pool.shutdown()
+        finally:
+            raw.stop()
+            log_path.unlink(missing_ok=True)
+
     try:
         ensure_ray()
         t0 = time.perf_counter()
         pool = ip.Pool.start(pool_config)
         pool_start_s = time.perf_counter() - t0
-        try:
-            raw_start_s = raw.wait_ready()
-            samples = asyncio.run(_measure_all(_paths(pool, raw), prompts, max_tokens, repeats))
-        finally:
-            raw.request_stop()  # the raw engine shuts down while the pool does
-            pool.shutdown()
-    finally:
-        raw.stop()
-    log_path.unlink(missing_ok=True)
+        raw_start_s = raw.wait_ready()
+        samples = asyncio.run(_measure_all(_paths(pool, raw), prompts, max_tokens, repeats))
+    except BaseException:
+        teardown()
+        raise
+    # vLLM engines take seconds to exit, mostly waiting: within a run the next benchmark starts meanwhile
+    finish_later(teardown, "pool_vs_raw")
 
     figures: dict[str, float] = {}
     for name in PATHS:
@@ -182,6 +208,7 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     }
     notes = [
         "raw = AsyncLLM in a subprocess; pool = the same engine in a Ray actor; measured one at a time",
+        "both engines are built from one EngineConfig by the vLLM backend (same AsyncEngineArgs, same env)",
         "engine start times overlap (raw and pool start together), so each is slower than alone",
         f"both engines run with OMP_NUM_THREADS={omp} (the pool's default on this machine; "
         "INFERPOOL_BENCH_OMP_THREADS overrides both)",

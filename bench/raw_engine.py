@@ -1,7 +1,13 @@
 """The raw side of ``pool_vs_raw``: vLLM's ``AsyncLLM`` called directly, in its own process.
 
-Started by :class:`RawEngine` as ``python raw_engine.py --model PATH --result-fd N
---engine-kwargs JSON``; it needs only inferpool and vLLM (not the ``bench`` package).
+Started by :class:`RawEngine` as ``python raw_engine.py --result-fd N --engine-config JSON``;
+it needs only inferpool and vLLM (not the ``bench`` package). The engine is built from
+the same :class:`~inferpool.config.EngineConfig` as the pool's engine, through the vLLM
+backend's own argument builder, so both get exactly the same ``AsyncEngineArgs`` (on a
+CPU machine that includes the backend's CPU defaults: ``enforce_eager``, the ``uni``
+executor); the parent starts it with the environment the pool gives its engine actor
+(``engine_actor_options``: ``VLLM_ENABLE_V1_MULTIPROCESSING``, ``OMP_NUM_THREADS``, ...).
+
 Commands arrive as JSON lines on stdin, answers leave as JSON lines on the result pipe
 (vLLM's own logs go to stdout/stderr, which the parent sends to a log file):
 
@@ -32,9 +38,9 @@ from typing import IO, Any
 class RawEngine:
     """Parent side: start the subprocess, send commands, read answers."""
 
-    def __init__(
-        self, model: str, engine_kwargs: dict[str, Any], log_path: Path, env: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, engine_config_json: str, log_path: Path, env: dict[str, str] | None = None) -> None:
+        """``engine_config_json``: an :class:`~inferpool.config.EngineConfig` (vLLM backend) as JSON;
+        ``env``: added to this process's environment for the subprocess."""
         read_fd, write_fd = os.pipe()
         self.log_path = log_path
         self._log = open(log_path, "wb")  # closed in stop()
@@ -42,12 +48,10 @@ class RawEngine:
             sys.executable,
             "-u",
             str(Path(__file__).resolve()),
-            "--model",
-            model,
             "--result-fd",
             str(write_fd),
-            "--engine-kwargs",
-            json.dumps(engine_kwargs),
+            "--engine-config",
+            engine_config_json,
         ]
         self._launched = time.perf_counter()
         self._proc = subprocess.Popen(
@@ -136,12 +140,20 @@ async def _generate_all(engine: Any, prompts: list[list[int]], sampling: dict[st
     return {"event": "result", "requests": len(prompts), "tokens": sum(counts), "seconds": seconds}
 
 
+def engine_args(engine_config_json: str) -> Any:
+    """The ``AsyncEngineArgs`` the pool's vLLM backend builds for this engine config."""
+    from inferpool.actors.backends.vllm import VLLMBackend
+    from inferpool.config import EngineConfig
+
+    config = EngineConfig.model_validate_json(engine_config_json)
+    return VLLMBackend(config, "raw")._engine_args()
+
+
 async def _serve(args: argparse.Namespace, out: IO[str]) -> None:
-    from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
     t0 = time.perf_counter()
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=args.model, **json.loads(args.engine_kwargs)))
+    engine = AsyncLLM.from_engine_args(engine_args(args.engine_config))
     out.write(json.dumps({"event": "ready", "start_s": time.perf_counter() - t0}) + "\n")
     out.flush()
     loop = asyncio.get_running_loop()
@@ -162,9 +174,8 @@ async def _serve(args: argparse.Namespace, out: IO[str]) -> None:
 
 def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True)
     parser.add_argument("--result-fd", type=int, required=True)
-    parser.add_argument("--engine-kwargs", default="{}", help="AsyncEngineArgs keywords as JSON")
+    parser.add_argument("--engine-config", required=True, help="an inferpool EngineConfig (vLLM backend) as JSON")
     args = parser.parse_args()
     with os.fdopen(args.result_fd, "w") as out:
         asyncio.run(_serve(args, out))
