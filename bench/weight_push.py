@@ -7,7 +7,9 @@ Two state dicts of torch tensors (what a trainer hands over):
   the bytes/s reflect moving data rather than per-call overheads.
 
 ``pool`` is ``await pool.update_weights(state_dict, version=...)`` on a pool of fake
-engines, scaled from 1 to 2 replicas: the tensors are put into the object store in chunks
+engines, scaled to 2 then 1 replicas (within one ``inferpool bench`` run it is the pool the
+``scaling`` benchmark started: the fake engines' latency settings do not touch a weight
+push, and no engine starts twice): the tensors are put into the object store in chunks
 (``chunk_bytes``, the default 256 MiB), every engine fetches the chunks one at a time
 and "loads" them (the fake counts the bytes, checked here); the router records the
 version and generation is paused and resumed around the load, as for a real engine.
@@ -34,15 +36,18 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Stopwatch, ensure_ray, ratio, result
+from bench.scaling import SHARED_ENGINE_KWARGS, fake_pool
 
 TENSOR_BYTES = 4 << 20  # synthetic tensors of 4 MiB (1 Mi float32)
 CHUNK_BYTES = 256 << 20  # pool.update_weights' default chunk size, used by both paths
 
-# size -> (synthetic MiB, repeats, engine counts, vLLM engine too)
+# size -> (synthetic MiB, repeats, engine counts, vLLM engine too); the larger count first, so
+# engines and fetching workers start (and import torch) once, in parallel, and a shared pool
+# that arrives with more engines only scales down
 SIZES: dict[str, tuple[int, int, tuple[int, ...], bool]] = {
-    "full": (256, 5, (1, 2), True),
-    "quick": (64, 3, (1, 2), False),
-    "tiny": (8, 1, (1, 2), False),
+    "full": (256, 5, (2, 1), True),
+    "quick": (64, 2, (2, 1), False),
+    "tiny": (8, 1, (2, 1), False),
 }
 
 
@@ -154,16 +159,6 @@ async def _compare(
     return figures
 
 
-def _fake_pool_config() -> Any:
-    import inferpool as ip
-
-    return ip.PoolConfig(
-        name="bench-weight-push",
-        namespace="inferpool-bench",
-        engines=[ip.EngineConfig(backend="fake", replicas=1, engine_kwargs={"vocab_size": 1024})],
-    )
-
-
 def _vllm_push(state: dict[str, Any], repeats: int) -> dict[str, float]:
     """Push the tiny model's weights to one real vLLM CPU engine (best of ``repeats``)."""
     import inferpool as ip
@@ -200,17 +195,12 @@ def _vllm_push(state: dict[str, Any], repeats: int) -> dict[str, float]:
 
 def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     """Bytes/s of the pool's weight push and of a plain put + get, per engine count."""
-    import inferpool as ip
-
     size = "tiny" if tiny else "quick" if quick else "full"
     mebibytes, repeats, counts, with_vllm = SIZES[size]
     states = {"tiny": tiny_state_dict(), "synthetic": synthetic_state_dict(mebibytes)}
     ensure_ray()
-    pool = ip.Pool.start(_fake_pool_config())
-    try:
+    with fake_pool(SHARED_ENGINE_KWARGS, counts[0]) as pool:
         figures = asyncio.run(_compare(pool, states, counts, repeats))
-    finally:
-        pool.shutdown()
     notes = [
         "MB/s = bytes of one copy of the state dict / wall seconds of the push (best of the repeats); "
         "with 2 engines each engine fetches every byte",
