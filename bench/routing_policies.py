@@ -79,7 +79,7 @@ class Workload:
 # size -> (fake workload, vLLM workload or None)
 SIZES: dict[str, tuple[Workload, Workload | None]] = {
     "full": (Workload(128, 4, 1024, 512, 64, 64), Workload(16, 4, 256, 128, 16, 32)),
-    "quick": (Workload(64, 4, 1024, 512, 64, 64), None),
+    "quick": (Workload(32, 4, 1024, 512, 64, 64), None),
     "tiny": (Workload(8, 2, 256, 64, 8, 16), None),
 }
 

@@ -54,7 +54,7 @@ SEGMENT_TOKENS = (64, 1024)  # prompt / sampled segment lengths are drawn from t
 # size -> (fetches per path, warm-up fetches per path, rounds)
 SIZES: dict[str, tuple[int, int, int]] = {
     "full": (200, 10, 4),
-    "quick": (30, 2, 2),
+    "quick": (12, 1, 2),
     "tiny": (4, 1, 1),
 }
 
@@ -303,7 +303,7 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     states = {layout: build_state(nodes, per_node) for layout, (nodes, per_node) in LAYOUTS.items()}
     assert all(state_tokens(s) == TOTAL_TOKENS for s in states.values())
     ensure_ray()
-    holder = ray.remote(num_cpus=0, max_concurrency=1000)(StateHolder).remote(states)
+    holder: Any = ray.remote(StateHolder).options(num_cpus=0, max_concurrency=1000).remote(states)
     server = JsonServer(states)
     try:
         _check(holder, server.port, states)
@@ -326,7 +326,7 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
             figures[f"{layout}_json_over_ref_cached_{where}"] = ratio(
                 figures[f"{layout}_json_{where}_ms"], figures[f"{layout}_ref_cached_{where}_ms"]
             )
-        enc, dec, json_bytes = _encode_decode(state, 3 if tiny else 10)
+        enc, dec, json_bytes = _encode_decode(state, 3 if tiny else 5 if quick else 10)
         figures[f"{layout}_json_encode_ms"] = 1000 * enc
         figures[f"{layout}_json_decode_ms"] = 1000 * dec
         figures[f"{layout}_json_bytes"] = json_bytes
