@@ -1,7 +1,10 @@
-"""The benchmark suite without vLLM: ``scaling`` and ``router_capacity`` in their tiny size, and the runner.
+"""The benchmark suite without vLLM: ``scaling`` and ``router_capacity`` in their tiny size, the
+runner, and the helpers the benchmarks share (steady-state windows, CPU accounting, shared pools,
+background teardowns, which Ray a run uses).
 
 Checks that every expected figure is present, finite and positive and that goals are
-reported; no timing is asserted (the figures depend on the machine).
+reported; no timing is asserted (the figures depend on the machine). The whole
+``inferpool bench --quick`` runs in tests/integration/test_bench_quick.py.
 
 Run: pytest tests/unit/test_bench.py
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import types
 from pathlib import Path
@@ -60,15 +64,155 @@ def test_scaling_tiny(ray_session: None) -> None:
     from bench import scaling
 
     res = scaling.run(quick=True, tiny=True)
-    counts = scaling.SIZES["tiny"][0]
+    counts = scaling.SIZES["tiny"].counts
     expected = [
         f"{path}_{fig}@{k}"
         for path in ("batch", "per_request")
-        for fig in ("req_per_s", "efficiency", "utilisation")
+        for fig in ("req_per_s", "efficiency", "utilisation", "cpu_ms_per_req", "machine_busy")
         for k in counts
     ]
     check_result(res, "scaling", expected, goals=2)
     assert res["figures"][f"batch_efficiency@{counts[0]}"] == pytest.approx(1.0)
+    assert res["params"]["service_rate_per_engine_req_per_s"] == pytest.approx(4 / 0.05)
+
+
+def test_window_rates_count_whole_waves_between_completions_at_the_same_phase() -> None:
+    from bench.scaling import window_rates
+
+    # 3 engines' worth of completions arrive in waves of 6, one wave every 0.5 s (12 req/s),
+    # shuffled; the first wave is the warm-up, then two windows of 2 waves
+    stamps = [0.5 * (wave + 1) + 0.001 * i for wave in range(6) for i in range(6)]
+    stamps.reverse()
+    rates = window_rates(stamps, wave=6, window=12, windows=2)
+    assert rates == pytest.approx([12.0, 12.0])
+    with pytest.raises(ValueError, match="completions"):
+        window_rates(stamps[:20], wave=6, window=12, windows=2)
+
+
+def test_borrow_shares_within_a_scope_and_stops_at_its_end() -> None:
+    from bench.common import borrow, shared_scope
+
+    events: list[str] = []
+
+    def start() -> object:
+        events.append("start")
+        return object()
+
+    def stop(obj: object) -> None:
+        events.append("stop")
+
+    with borrow("k", start, stop) as a:  # outside a scope: started and stopped per use
+        assert events == ["start"]
+    assert events == ["start", "stop"]
+
+    events.clear()
+    with shared_scope():
+        with borrow("k", start, stop) as a:
+            pass
+        with borrow("k", start, stop) as b:
+            assert b is a
+        with borrow("other", start, stop):
+            pass
+        assert events == ["start", "start"]
+    assert events == ["start", "start", "stop", "stop"]
+
+    events.clear()
+    with shared_scope():
+        with pytest.raises(RuntimeError), borrow("k", start, stop):
+            raise RuntimeError("the benchmark failed")
+        assert events == ["start", "stop"]  # a failed use does not hand the object on
+        with borrow("k", start, stop):
+            pass
+    assert events == ["start", "stop", "start", "stop"]
+
+
+def test_finish_later_runs_in_the_background_within_a_scope() -> None:
+    import threading
+
+    from bench.common import finish_later, shared_scope
+
+    done: list[str] = []
+    finish_later(lambda: done.append("inline"), "now")
+    assert done == ["inline"]
+
+    go = threading.Event()
+
+    def teardown() -> None:
+        assert go.wait(60)
+        done.append("background")
+
+    with shared_scope():
+        finish_later(teardown, "later")  # returns while the teardown waits
+        assert done == ["inline"]
+        go.set()
+    assert done == ["inline", "background"]  # the scope waited for it
+
+    def broken() -> None:
+        raise RuntimeError("teardown failed")
+
+    finish_later(broken, "broken")  # logged, not raised: the figures are already measured
+
+
+def test_bench_ray_is_a_new_local_instance_unless_an_address_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.common import ray_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_address() == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert ray_address() == "10.0.0.1:6379"
+
+
+def test_cpu_meter_counts_this_process() -> None:
+    from bench.common import CpuMeter
+
+    with CpuMeter() as cpu:
+        start = sum(os.times()[:2])
+        while sum(os.times()[:2]) - start < 0.05:  # burn 50 ms of this process's CPU
+            pass
+    assert cpu.own_s >= 0.04
+    assert cpu.others_s >= 0
+    assert 0 < cpu.own_share <= cpu.busy_share <= 1.0 + 1e-9
+    assert cpu.wall_s > 0
+
+
+def _cpu_of(pid: int) -> float:
+    """User + system CPU seconds of a live process, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cpu_meter_counts_a_subprocess_as_ours() -> None:
+    import subprocess
+
+    from bench.common import CpuMeter
+
+    # the child burns 0.2 s of CPU when told to, then waits to be told to exit
+    burn = "import os\ninput()\nt = sum(os.times()[:2])\nwhile sum(os.times()[:2]) - t < 0.2: pass\ninput()"
+    with subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE) as child:
+        assert child.stdin is not None
+        with CpuMeter() as cpu:
+            mine = sum(os.times()[:2])
+            before = _cpu_of(child.pid)
+            child.stdin.write(b"go\n")
+            child.stdin.flush()
+            while _cpu_of(child.pid) - before < 0.2:  # until the kernel has counted the child's burn
+                pass
+            mine = sum(os.times()[:2]) - mine
+        child.communicate(b"\n", timeout=60)
+    assert cpu.own_s - mine >= 0.15  # the child's burn is counted as ours (a descendant of this process)
+
+
+def test_footer_reports_cpu_of_this_run_and_of_other_processes() -> None:
+    from bench import report
+
+    quiet = [{"name": "a", "goals": [], "cpu_s": {"ours": 50.0, "others": 1.0}, "load_average_end": [3.0]}]
+    text = report.footer(quiet, total_s=40.0, load_end=[3.0], cpus=2)
+    assert "this run 50.0, other processes 1.0" in text
+    assert "WARNING" not in text  # a high load average of our own processes is no warning
+    busy = [{"name": "a", "goals": [], "cpu_s": {"ours": 50.0, "others": 30.0}, "load_average_end": [3.0]}]
+    assert "WARNING: other processes used 38% of the 2 CPUs" in report.footer(busy, total_s=40.0, cpus=2)
 
 
 def test_runner_prints_and_writes_a_registered_benchmark(
@@ -98,6 +242,8 @@ def test_runner_prints_and_writes_a_registered_benchmark(
     assert payload["machine"]["cpu_count"] >= 1
     assert payload["results"][0]["figures"] == {"widgets_per_s": 12.5}
     assert payload["results"][0]["seconds"] >= 0
+    assert set(payload["results"][0]["cpu_s"]) == {"ours", "others"}
+    assert "CPU seconds" in printed
 
 
 def test_runner_rejects_unknown_names_and_lists(capsys: pytest.CaptureFixture[str]) -> None:
