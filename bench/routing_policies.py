@@ -32,9 +32,17 @@ with the default thresholds (``prefix_aware_default_thresholds``), for reference
 
 Figures per policy: throughput (turns/s over the whole workload), p50/p99 turn latency
 (the caller's view, queueing included), and the engines' mean prefix-cache hit rate
-(cached prompt tokens / prompt tokens). Ratios: throughput of affinity and of prefix
-over least_loaded (goal >= 1.5 each). One pool per policy, started and shut down in
-turn (distinct names), never two at once.
+(cached prompt tokens / prompt tokens, this policy's requests only). Ratios: throughput
+of affinity and of prefix over least_loaded (goal >= 1.5 each).
+
+One set of engines serves every policy, one policy at a time, so the engines start once:
+the pool is started with least_loaded's config; each other policy gets a router actor of
+its own (its own config and name) over the same engines, registered with it the way Ray
+Serve replicas register theirs (``deploy/engines.py``), reached through ``Pool.connect``,
+and killed when its policy is done (the engines stay). Before each policy every engine's
+prefix cache is reset, so each policy starts from the engines' state after a start (the
+warm-up above then serves the system prefix again); the hit rate of a policy is computed
+from the engines' cumulative counters read before and after it.
 
 In full mode, when vLLM is installed, the same is run on 2 real vLLM CPU engines (the
 tiny model, ``enable_prefix_caching``, shorter prompts), reported with a ``vllm_`` prefix.
@@ -56,6 +64,7 @@ from typing import Any
 from bench.common import Stopwatch, ensure_ray, goal, percentile, ratio, result
 
 RATIO_GOAL = 1.5
+_CONTROL_TIMEOUT_S = 60.0
 POLICIES = ("least_loaded", "session_affinity", "prefix_aware")
 FAKE_ENGINES = 4
 MAX_CONCURRENCY = 8  # per fake engine
@@ -148,22 +157,61 @@ async def _workload(pool: Any, w: Workload) -> tuple[float, list[float], int]:
     return sw.seconds, latencies, sum(generated)
 
 
-def _hit_rate(pool: Any) -> float:
-    rates = [e.get("prefix_cache_hit_rate") for e in pool.stats()["engines"].values()]
-    known = [r for r in rates if r is not None]
-    return statistics.fmean(known) if known else float("nan")
+Counters = dict[str, tuple[int, float | None]]
+"""Engine id -> (prompt tokens served, cumulative prefix-cache hit rate or None), since the engine started."""
 
 
-def _run_policy(config: Any, w: Workload) -> dict[str, float]:
-    """Start a pool, run the workload once, read the cache hit rate, shut the pool down."""
+def engine_counters(pool: Any) -> Counters:
+    engines = pool.stats()["engines"]
+    return {eid: (int(e.get("prompt_tokens", 0)), e.get("prefix_cache_hit_rate")) for eid, e in engines.items()}
+
+
+def hit_rate_between(before: Counters, after: Counters) -> float:
+    """Mean over engines of cached prompt tokens / prompt tokens served between two readings
+    (an engine's hit rate counts prompt tokens looked up: the same tokens as ``prompt_tokens``);
+    NaN when no engine reports a hit rate."""
+    rates = []
+    for eid, (tokens, rate) in after.items():
+        old_tokens, old_rate = before.get(eid, (0, 0.0))
+        if rate is None or tokens <= old_tokens:
+            continue
+        hits = rate * tokens - (old_rate or 0.0) * old_tokens
+        rates.append(hits / (tokens - old_tokens))
+    return statistics.fmean(rates) if rates else float("nan")
+
+
+def _attach(config: Any, base: Any) -> tuple[Any, Any]:
+    """A pool with ``config``'s router over ``base``'s engines, and that router's actor (kill it
+    to detach: the engines stay with ``base``)."""
+    import ray
+
     import inferpool as ip
+    from inferpool.routing.router import RouterActor
 
-    pool = ip.Pool.start(config)
+    router = RouterActor.options(
+        name=f"{config.name}:router", namespace=config.namespace, max_concurrency=100_000
+    ).remote(config.router, config)
     try:
-        seconds, latencies, generated = asyncio.run(_workload(pool, w))
-        hit = _hit_rate(pool)
-    finally:
-        pool.shutdown()
+        ray.get(router.start.remote(), timeout=_CONTROL_TIMEOUT_S)
+        group = config.engines[0]
+        for info in sorted(base.engine_infos(), key=lambda i: int(i.engine_id[1:])):  # the base pool's order
+            handle = base.engine_handle(info.engine_id)
+            ray.get(
+                router.register.remote(info, handle, group.max_requests_per_engine, group.eval_requests_per_engine, 0),
+                timeout=_CONTROL_TIMEOUT_S,
+            )
+        return ip.Pool.connect(config.name, config.namespace), router
+    except BaseException:
+        ray.kill(router)
+        raise
+
+
+def _measure_policy(pool: Any, base: Any, w: Workload) -> dict[str, float]:
+    """Reset every engine's prefix cache, run the workload once through ``pool``, read the hit rate."""
+    asyncio.run(base.reset_prefix_cache())
+    before = engine_counters(pool)
+    seconds, latencies, generated = asyncio.run(_workload(pool, w))
+    hit = hit_rate_between(before, engine_counters(pool))
     turns = w.sessions * w.turns
     out = {
         "turns_per_s": turns / seconds,
@@ -174,6 +222,27 @@ def _run_policy(config: Any, w: Workload) -> dict[str, float]:
     if not math.isnan(hit):  # the engines report a prefix-cache hit rate (the fake does)
         out["prefix_cache_hit_rate"] = hit
     return out
+
+
+def _run_policies(configs: dict[str, Any], w: Workload) -> dict[str, dict[str, float]]:
+    """Each configuration's policy in turn over one set of engines: the first one's pool."""
+    import ray
+
+    import inferpool as ip
+
+    labels = list(configs)
+    base = ip.Pool.start(configs[labels[0]])
+    try:
+        out = {labels[0]: _measure_policy(base, base, w)}
+        for label in labels[1:]:
+            pool, router = _attach(configs[label], base)
+            try:
+                out[label] = _measure_policy(pool, base, w)
+            finally:
+                ray.kill(router)
+        return out
+    finally:
+        base.shutdown()
 
 
 def _router(policy: str, **overrides: Any) -> Any:
@@ -228,12 +297,11 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     size = "tiny" if tiny else "quick" if quick else "full"
     w, vw = SIZES[size]
     ensure_ray()
-    per_policy = {
-        p: _run_policy(_fake_config(p, _router(p, affinity_abs_threshold=MAX_CONCURRENCY)), w) for p in POLICIES
-    }
+    configs = {p: _fake_config(p, _router(p, affinity_abs_threshold=MAX_CONCURRENCY)) for p in POLICIES}
     if size == "full":
         label = "prefix_aware_default_thresholds"
-        per_policy[label] = _run_policy(_fake_config(label, _router("prefix_aware")), w)
+        configs[label] = _fake_config(label, _router("prefix_aware"))
+    per_policy = _run_policies(configs, w)
     figures: dict[str, float] = {}
     _ratios("", per_policy, figures)
     goals = [
@@ -245,6 +313,8 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
         "prompt tokens beyond the engine's cached prefix (fake prefix cache); 1 ms per prefilled or "
         "decoded token",
         "the system prefix is served once on every engine before the clock starts (not routed)",
+        "one set of engines for every policy (a router each, caches reset in between); hit rates count "
+        "each policy's requests only",
         f"turns/s over the whole workload ({w.sessions} sessions x {w.turns} turns, all sessions at once); "
         "latency = one pool.generate call as the session sees it, queueing included",
         f"affinity_abs_threshold={MAX_CONCURRENCY} (one engine's batch) for every policy; the default 32 "
@@ -258,7 +328,7 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
         "fake_engine": FAKE_ENGINE_KWARGS,
     }
     if vw is not None and importlib.util.find_spec("vllm") is not None:
-        vllm_per_policy = {p: _run_policy(_vllm_config(p), vw) for p in POLICIES}
+        vllm_per_policy = _run_policies({p: _vllm_config(p) for p in POLICIES}, vw)
         _ratios("vllm_", vllm_per_policy, figures)
         params["vllm_workload"] = dataclasses.asdict(vw)
         notes.append(

@@ -76,6 +76,20 @@ def test_scaling_tiny(ray_session: None) -> None:
     assert res["params"]["service_rate_per_engine_req_per_s"] == pytest.approx(4 / 0.05)
 
 
+def test_routing_policies_tiny_runs_every_policy_on_one_set_of_engines(ray_session: None) -> None:
+    from bench import routing_policies
+
+    res = routing_policies.run(quick=True, tiny=True)
+    expected = [
+        f"{policy}_{fig}"
+        for policy in routing_policies.POLICIES
+        for fig in ("turns_per_s", "generated_tokens_per_s", "turn_p50_ms", "turn_p99_ms", "prefix_cache_hit_rate")
+    ] + ["affinity_over_least_loaded", "prefix_over_least_loaded"]
+    check_result(res, "routing_policies", expected, goals=2)
+    for policy in routing_policies.POLICIES:  # each policy's own requests: the warm-up misses, later turns hit
+        assert 0 < res["figures"][f"{policy}_prefix_cache_hit_rate"] < 1
+
+
 def test_window_rates_count_whole_waves_between_completions_at_the_same_phase() -> None:
     from bench.scaling import window_rates
 
@@ -87,6 +101,17 @@ def test_window_rates_count_whole_waves_between_completions_at_the_same_phase() 
     assert rates == pytest.approx([12.0, 12.0])
     with pytest.raises(ValueError, match="completions"):
         window_rates(stamps[:20], wave=6, window=12, windows=2)
+
+
+def test_hit_rate_between_counts_only_the_requests_in_between() -> None:
+    from bench.routing_policies import hit_rate_between
+
+    # e0: 1000 tokens at 0.5 before; 1000 more tokens all cached -> 1.0 in between
+    # e1: nothing before; 400 tokens, 100 cached -> 0.25; e2 served nothing in between; e3 reports no rate
+    before = {"e0": (1000, 0.5), "e2": (300, 0.2), "e3": (10, None)}
+    after = {"e0": (2000, 0.75), "e1": (400, 0.25), "e2": (300, 0.2), "e3": (50, None)}
+    assert hit_rate_between(before, after) == pytest.approx((1.0 + 0.25) / 2)
+    assert math.isnan(hit_rate_between({}, {"e0": (10, None)}))
 
 
 def test_borrow_shares_within_a_scope_and_stops_at_its_end() -> None:
