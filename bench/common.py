@@ -225,8 +225,24 @@ class CpuMeter:
         return ours, others, time.perf_counter()
 
     @staticmethod
-    def _delta(before: dict[int, float], after: dict[int, float]) -> float:
-        return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+    def _deltas(
+        start: tuple[dict[int, float], dict[int, float], float], end: tuple[dict[int, float], dict[int, float], float]
+    ) -> tuple[float, float]:
+        """CPU seconds of ours and of others between two samples. A process counts where it was at
+        the start (an orphan re-parented meanwhile, such as an engine's worker process whose
+        parent was killed, stays ours), or where it is at the end if it started meanwhile."""
+        was_ours, was_other = start[0], start[1]
+        own = others = 0.0
+        for pid, seconds in (*end[0].items(), *end[1].items()):
+            if pid in was_ours:
+                own += seconds - was_ours[pid]
+            elif pid in was_other:
+                others += seconds - was_other[pid]
+            elif pid in end[0]:
+                own += seconds
+            else:
+                others += seconds
+        return own, others
 
     def __enter__(self) -> CpuMeter:
         self._start = self._sample()
@@ -237,8 +253,7 @@ class CpuMeter:
         end = self._sample()
         self.wall_s = time.perf_counter() - self._t0
         if self._start is not None and end is not None:
-            self.own_s = self._delta(self._start[0], end[0])
-            self.others_s = self._delta(self._start[1], end[1])
+            self.own_s, self.others_s = self._deltas(self._start, end)
             self.wall_s = end[2] - self._start[2]
 
     @property

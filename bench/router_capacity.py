@@ -33,7 +33,7 @@ P99_GOAL_MS = 1.0
 # size -> (throughput steps, latency steps, actor round trips, pipelined acquires, batch size, batches)
 SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
     "full": (200_000, 100_000, 2_000, 1_000, 64, 300),
-    "quick": (20_000, 5_000, 200, 500, 64, 40),
+    "quick": (12_000, 3_000, 200, 300, 64, 20),
     "tiny": (2_000, 1_000, 20, 100, 16, 5),
 }
 

@@ -3,7 +3,7 @@
 Two state dicts of torch tensors (what a trainer hands over):
 
 - ``tiny``: the tiny model's weights (``ip.tiny_model()`` -> ``model.safetensors``, ~2.5 MB);
-- ``synthetic``: float32 tensors of 4 MiB each, 64 MiB in ``--quick``, 256 MiB in full, so
+- ``synthetic``: float32 tensors of 4 MiB each, 32 MiB in ``--quick``, 256 MiB in full, so
   the bytes/s reflect moving data rather than per-call overheads.
 
 ``pool`` is ``await pool.update_weights(state_dict, version=...)`` on a pool of fake
@@ -46,7 +46,7 @@ CHUNK_BYTES = 256 << 20  # pool.update_weights' default chunk size, used by both
 # that arrives with more engines only scales down
 SIZES: dict[str, tuple[int, int, tuple[int, ...], bool]] = {
     "full": (256, 5, (2, 1), True),
-    "quick": (64, 2, (2, 1), False),
+    "quick": (32, 2, (2, 1), False),
     "tiny": (8, 1, (2, 1), False),
 }
 

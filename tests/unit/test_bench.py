@@ -200,6 +200,18 @@ def test_cpu_meter_counts_this_process() -> None:
     assert cpu.wall_s > 0
 
 
+def test_cpu_meter_keeps_a_reparented_process_ours() -> None:
+    from bench.common import CpuMeter
+
+    # (ours by pid, others by pid, time): pid 2 was ours and is re-parented (an orphan), pid 4 is a
+    # new process of ours, pid 5 a new one of someone else's
+    start = ({1: 1.0, 2: 5.0}, {3: 2.0}, 0.0)
+    end = ({1: 1.5, 4: 0.3}, {2: 6.0, 3: 2.5, 5: 1.0}, 1.0)
+    own, others = CpuMeter._deltas(start, end)
+    assert own == pytest.approx(0.5 + 1.0 + 0.3)
+    assert others == pytest.approx(0.5 + 1.0)
+
+
 def _cpu_of(pid: int) -> float:
     """User + system CPU seconds of a live process, from /proc (Linux)."""
     with open(f"/proc/{pid}/stat") as f:
