@@ -1,4 +1,5 @@
-"""What every benchmark shares: the result shape, goals, percentiles, the machine, Ray start-up.
+"""What every benchmark shares: the result shape, goals, percentiles, the machine, Ray start-up,
+CPU accounting, and what one run's benchmarks share (pools, background teardowns).
 
 A benchmark's ``run(quick)`` returns a plain dict (JSON-ready)::
 
@@ -182,10 +183,11 @@ class CpuMeter:
     started, so ``own_s`` is what the benchmark costs in CPU and ``others_s`` what other
     processes took from the same cores meanwhile. Both are per-process differences between
     the start and the end of the block: a process that started meanwhile counts from 0, one
-    that exited meanwhile is not counted at all (its CPU time is gone with it), so both are
-    lower bounds; exact for a block in which no process exits (a measurement, as opposed to
-    a benchmark that shuts its pools down). Needs ``psutil`` (a dependency of Ray and vLLM);
-    without it every figure is NaN.
+    re-parented meanwhile (an orphan) stays where it was, one that exited meanwhile is not
+    counted at all (its CPU time is gone with it), so both are lower bounds; exact for a
+    block in which no process exits (a measurement, as opposed to a benchmark that shuts its
+    pools down). Needs ``psutil`` (a dependency of Ray and vLLM); without it every figure is
+    NaN.
 
     ``with CpuMeter() as cpu: ...`` then ``cpu.own_share`` / ``cpu.busy_share``: the
     fraction of all cores' time (``wall x cores``) used by ours / by all processes.
