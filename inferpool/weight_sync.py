@@ -117,6 +117,21 @@ def receive_gloo(group: Any, meta: TensorMeta, device: Any = "cpu") -> Iterator[
         yield name, tensor
 
 
+def send_round(client: Any, named: list[tuple[str, Any]], broadcast: Callable[[Any], None]) -> None:
+    """One update round trip from the trainer: start, let every engine receive (on a side
+    thread) while ``broadcast`` sends each tensor in order, then finish."""
+    client.start_weight_update()
+    exe = ThreadPoolExecutor(max_workers=1)
+    try:
+        received = exe.submit(client.update_weights, asdict(tensor_meta(named)))
+        for _, tensor in named:
+            broadcast(tensor)
+        received.result()
+    finally:
+        exe.shutdown(wait=False)  # a failed broadcast leaves receivers blocked; do not join them
+    client.finish_weight_update()
+
+
 # -- the trainer side of "gloo" ----------------------------------------------------------------
 class GlooTrainer:
     """Trainer side of the ``gloo`` method: rank 0 of a Gloo group with every receiving rank.
@@ -142,19 +157,10 @@ class GlooTrainer:
         return cls(client, group)
 
     def send_weights(self, named: list[tuple[str, Any]]) -> None:
-        meta = tensor_meta(named)
-        self.client.start_weight_update()
-        exe = ThreadPoolExecutor(max_workers=1)
-        try:
-            received = exe.submit(self.client.update_weights, asdict(meta))
-            for _, tensor in named:
-                send = tensor.detach()
-                send = send if send.is_contiguous() else send.contiguous()
-                gloo_broadcast(self.group, send.cpu())
-            received.result()
-        finally:
-            exe.shutdown(wait=False)  # a failed broadcast leaves receivers blocked; do not join them
-        self.client.finish_weight_update()
+        def send(tensor: Any) -> None:
+            gloo_broadcast(self.group, tensor.detach().contiguous().cpu())
+
+        send_round(self.client, named, send)
 
     def shutdown(self) -> None:
         self.group = None
@@ -231,17 +237,7 @@ class TorchGroupTrainer:
     def send_weights(self, named: list[tuple[str, Any]]) -> None:
         import torch.distributed as dist
 
-        meta = tensor_meta(named)
-        self.client.start_weight_update()
-        exe = ThreadPoolExecutor(max_workers=1)
-        try:
-            received = exe.submit(self.client.update_weights, asdict(meta))
-            for _, tensor in named:
-                dist.broadcast(tensor.detach().contiguous(), src=0, group=self.group)
-            received.result()
-        finally:
-            exe.shutdown(wait=False)  # a failed broadcast leaves receivers blocked; do not join them
-        self.client.finish_weight_update()
+        send_round(self.client, named, lambda t: dist.broadcast(t.detach().contiguous(), src=0, group=self.group))
 
     def shutdown(self) -> None:
         import torch.distributed as dist
