@@ -1,7 +1,8 @@
 """Router capacity: acquire+release decisions per second and the latency an acquire adds.
 
 In process (the goal figures): the plain :class:`~inferpool.routing.router.Router` with
-8 registered engines on one asyncio loop, the calling thread pinned to one core,
+8 registered engines (registry entries without engine actors, and health probes off, so
+only the decision path runs) on one asyncio loop, the calling thread pinned to one core,
 1,000 leases held throughout. Each step acquires one lease and releases the oldest,
 so the load stays at 1,000 in flight. Decisions/s counts acquire+release pairs
 (goal >= 20,000/s); the added latency is the time one ``acquire`` takes in that state
@@ -29,6 +30,7 @@ ENGINES = 8
 IN_FLIGHT = 1_000
 DECISIONS_GOAL = 20_000.0
 P99_GOAL_MS = 1.0
+HEALTH_INTERVAL_S = 1e6  # longer than any run: the registered engines are never probed
 
 # size -> (throughput steps, latency steps, actor round trips, pipelined acquires, batch size, batches)
 SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -42,7 +44,9 @@ def _router_config() -> Any:
     from inferpool.config import RouterConfig
 
     # Default capacity (512 per engine, 64 reserved for eval): 8 engines hold 3,584 train leases.
-    return RouterConfig()
+    # The engines are registered without actors (handle None): no health probe may run while the
+    # router is measured, or it would mark them all unhealthy (and share the router's loop).
+    return RouterConfig(health_interval_s=HEALTH_INTERVAL_S)
 
 
 def _info(i: int) -> Any:
