@@ -1,9 +1,12 @@
 """SessionStore actors: the managed sessions, sharded over a few actors by session id.
 
 A store owns its sessions' token-exact state and runs their turns (render → route →
-generate → record) through a Pool client, so HTTP ingress replicas and rollout workers
-hold no state. Requests to one session are serialized by a per-session lock; a turn's
-new nodes are committed only after it succeeded. Idle sessions expire after the TTL.
+generate → record: :mod:`inferpool.turns` over the store's own
+:class:`~inferpool.routing.dispatch.Dispatcher`), so HTTP ingress replicas and rollout
+workers hold no state. Requests to one session are serialized by a per-session lock; a
+turn's new nodes are committed only after it succeeded. Idle sessions expire after the
+TTL. Every call that may create a session does so idempotently (a session id names one
+session however many calls race to create it).
 """
 
 from __future__ import annotations
@@ -18,29 +21,22 @@ from typing import Any
 
 import ray
 
-from inferpool._ray import await_ref
-from inferpool.chat import ChatRenderer, validate_messages
+from inferpool.chat import ChatRenderer, load_renderer, message_key, validate_messages
 from inferpool.config import PoolConfig
 from inferpool.errors import SessionError, SessionExpiredError, SessionNotFoundError, StaleSessionError
 from inferpool.log import setup_logging
 from inferpool.metrics import MetricsRegistry
 from inferpool.openai_types import ChatCompletion, Completion
+from inferpool.ray_utils import await_ref
 from inferpool.reasoning import ReasoningConfig
-from inferpool.sequences import SequenceNode, SessionState, commit
+from inferpool.routing.dispatch import CONTROL_TIMEOUT_S, Dispatcher
+from inferpool.sequences import SequenceNode, SessionOptions, SessionState, commit, longest_message_prefix
 from inferpool.turns import chat_turn, completion_turn, placeholder_chat_turn, template_kwargs_for
 from inferpool.types import Split
 
 logger = logging.getLogger(__name__)
 
 _EXPIRED_MEMORY = 100_000
-
-
-@dataclasses.dataclass
-class SessionOptions:
-    """Per-session options chosen at creation."""
-
-    track_tree: bool = False
-    tool_parser: str = "hermes"
 
 
 @dataclasses.dataclass
@@ -57,11 +53,10 @@ class SessionStore:
 
     def __init__(self, pool_config: PoolConfig, router: Any, shard: int) -> None:
         setup_logging()
-        from inferpool.pool import Pool
-
         self.shard = shard
         self.config = pool_config
-        self.pool = Pool(pool_config, router, [])
+        self.router = router
+        self.dispatcher = Dispatcher(router, pool_config)
         self._sessions: dict[str, _Entry] = {}
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._renderer: ChatRenderer | None = None
@@ -75,7 +70,7 @@ class SessionStore:
 
     async def _renderer_ready(self) -> ChatRenderer:
         if self._renderer is None:
-            self._renderer = await asyncio.to_thread(self.pool.renderer)
+            self._renderer = await asyncio.to_thread(load_renderer, self.config)
         return self._renderer
 
     # -- lifetime ---------------------------------------------------------------------
@@ -99,8 +94,10 @@ class SessionStore:
         self.metrics.set("inferpool_sessions_open", len(self._sessions), shard=str(self.shard))
         return entry
 
-    async def create(self, session_id: str, options: SessionOptions) -> None:
-        if session_id in self._sessions:
+    async def create(self, session_id: str, options: SessionOptions, exclusive: bool = False) -> None:
+        """Create the session unless it exists (idempotent); ``exclusive`` refuses an id in use
+        (an explicit create over HTTP naming its own id)."""
+        if exclusive and session_id in self._sessions:
             raise SessionError(f"session {session_id} already exists")
         self._get(session_id, options)
 
@@ -143,9 +140,7 @@ class SessionStore:
 
     # -- placeholder mode (text-only engines) -----------------------------------------
     async def _text_only(self) -> bool:
-        if not self.pool._infos:
-            await self.pool._refresh_infos()
-        return self.pool._text_only()
+        return await self.dispatcher.text_only()
 
     def _placeholders_allowed(self) -> bool:
         env = os.environ.get("INFERPOOL_ALLOW_PLACEHOLDER_TOKENS", "").strip().lower()
@@ -173,7 +168,7 @@ class SessionStore:
 
         async def turn(entry: _Entry) -> Any:
             return await placeholder_chat_turn(
-                self.pool,
+                self.dispatcher,
                 messages,
                 n=n,
                 sampling=sampling,
@@ -189,11 +184,13 @@ class SessionStore:
 
     # -- staleness --------------------------------------------------------------------
     async def _stale_check(self) -> Any:
-        """A check for RouterConfig.max_staleness: raises (reject) or returns True (requeue)."""
+        """A check for RouterConfig.max_staleness: raises (reject) or returns True (requeue).
+        Called under the session's lock, so a turn is checked against the weight versions it
+        will extend when it runs, not those it saw when it queued."""
         bound = self.config.router.max_staleness
         if bound is None:
             return None
-        versions: dict[str, int] = await await_ref(self.pool._router.versions.remote(), 60.0, "router")
+        versions: dict[str, int] = await await_ref(self.router.versions.remote(), CONTROL_TIMEOUT_S, "router")
         current = max(versions.values(), default=0)
         policy = self.config.router.staleness_policy
 
@@ -233,11 +230,10 @@ class SessionStore:
                 session_id, create, messages, n, sampling, tools, tool_choice, reasoning, split
             )
         renderer = await self._renderer_ready()
-        stale = await self._stale_check()
 
         async def turn(entry: _Entry) -> Any:
             return await chat_turn(
-                self.pool,
+                self.dispatcher,
                 renderer,
                 messages,
                 n=n,
@@ -249,8 +245,8 @@ class SessionStore:
                 chat_template_kwargs=chat_template_kwargs,
                 state=entry.state,
                 split=split,
-                model_name=self.pool.model_name(),
-                stale=stale,
+                model_name=self.config.model_name(),
+                stale=await self._stale_check(),
             )
 
         result: ChatCompletion = await self._run(session_id, create, turn)
@@ -266,19 +262,18 @@ class SessionStore:
         split: Split = "train",
     ) -> Completion:
         renderer = await self._renderer_ready()
-        stale = await self._stale_check()
 
         async def turn(entry: _Entry) -> Any:
             return await completion_turn(
-                self.pool,
+                self.dispatcher,
                 renderer,
                 prompt,
                 n=n,
                 sampling=sampling,
                 state=entry.state,
                 split=split,
-                model_name=self.pool.model_name(),
-                stale=stale,
+                model_name=self.config.model_name(),
+                stale=await self._stale_check(),
             )
 
         result: Completion = await self._run(session_id, create, turn)
@@ -291,13 +286,11 @@ class SessionStore:
         tools: list[dict[str, Any]] | None = None,
         reasoning: ReasoningConfig | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        create: SessionOptions | None = None,
     ) -> dict[str, Any]:
         """The prompt text and token ids a chat call would send now, without generating."""
-        from inferpool.chat import message_key
-        from inferpool.sequences import longest_message_prefix
-
         renderer = await self._renderer_ready()
-        entry = self._get(session_id, None)
+        entry = self._get(session_id, create)
         msgs = validate_messages(messages)
         kwargs = template_kwargs_for(reasoning, chat_template_kwargs)
         parent, stored = longest_message_prefix(entry.state.nodes, [message_key(m) for m in msgs])
@@ -312,18 +305,21 @@ class SessionStore:
         }
 
     # -- state ------------------------------------------------------------------------
-    async def abort(self, session_id: str) -> int:
-        """Abort the session's in-flight requests (its running turn ends with finish reason 'abort')."""
-        self._get(session_id, None)  # unknown or expired sessions raise
-        return await self.pool._abort_local(session_id)
+    async def abort(self, session_id: str, missing_ok: bool = False) -> int:
+        """Abort the session's in-flight requests (its running turn ends with finish reason 'abort').
+        Unknown or expired sessions raise, or count 0 with ``missing_ok``."""
+        if missing_ok and session_id not in self._sessions:
+            return 0
+        self._get(session_id, None)
+        return await self.dispatcher.abort_session(session_id)
 
-    async def get_state(self, session_id: str) -> SessionState:
-        entry = self._get(session_id, None)
+    async def get_state(self, session_id: str, create: SessionOptions | None = None) -> SessionState:
+        entry = self._get(session_id, create)
         entry.last_used = time.monotonic()
         return entry.state
 
-    async def reset(self, session_id: str) -> None:
-        entry = self._get(session_id, None)
+    async def reset(self, session_id: str, create: SessionOptions | None = None) -> None:
+        entry = self._get(session_id, create)
         async with entry.lock:
             entry.state.nodes = []
             entry.state.turns = 0
@@ -344,6 +340,7 @@ class SessionStore:
                 "nodes": len(e.state.nodes),
                 "turns": e.state.turns,
                 "idle_s": round(now - e.last_used, 3),
+                "busy": e.busy,  # turns running or waiting for the session's lock
                 "track_tree": e.state.track_tree,
                 "shard": self.shard,
             }

@@ -1,10 +1,10 @@
-"""``python -m bench``: run the benchmark suite (see :mod:`bench.runner`)."""
+"""``python -m inferpool.bench``: run the benchmark suite (see :mod:`inferpool.bench.runner`)."""
 
 from __future__ import annotations
 
 import sys
 
-from bench.runner import main
+from inferpool.bench.runner import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -10,7 +10,7 @@ backend's defaults: ``enforce_eager``, the ``uni`` executor) and the same proces
 environment (``engine_actor_options``). Three paths:
 
 - ``raw``: ``AsyncLLM.generate`` for every prompt under one ``asyncio.gather``, in a
-  subprocess of its own (:mod:`bench.raw_engine`);
+  subprocess of its own (:mod:`inferpool.bench.raw_engine`);
 - ``pool_generate``: one ``pool.generate`` call per prompt under ``asyncio.gather``;
 - ``pool_batch``: one ``pool.generate_batch`` call (few actor calls carrying many requests).
 
@@ -24,7 +24,7 @@ paths are measured one at a time, never together, in rotating order, after one w
 pass each (the first vLLM calls compile). Figures are the best of the repeats; the
 goal is pool_batch / raw >= 0.98.
 
-Run: python -m bench.pool_vs_raw [--quick] [--json PATH]
+Run: python -m inferpool.bench.pool_vs_raw [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import Stopwatch, ensure_ray, finish_later, goal, ratio, result
-from bench.raw_engine import RawEngine
+from inferpool.bench.common import Stopwatch, ensure_ray, finish_later, goal, ratio, result
+from inferpool.bench.raw_engine import RawEngine
 
 RATIO_GOAL = 0.98
 ENGINE_KWARGS: dict[str, Any] = {"gpu_memory_utilization": 0.1, "max_model_len": 2048}
@@ -220,6 +220,6 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
 if __name__ == "__main__":
     import sys
 
-    from bench.runner import main as _main
+    from inferpool.bench.runner import main as _main
 
     raise SystemExit(_main(["--only", "pool_vs_raw", *sys.argv[1:]]))

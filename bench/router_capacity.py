@@ -14,7 +14,7 @@ this driver: one acquire round trip at a time (latency), many single acquires in
 flight at once (what the per-request pool path does), and ``acquire_many`` /
 ``release_many`` batches (what ``generate_batch`` does).
 
-Run: python -m bench.router_capacity [--quick] [--json PATH]
+Run: python -m inferpool.bench.router_capacity [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import collections
 import time
 from typing import Any
 
-from bench.common import Stopwatch, ensure_ray, goal, percentile, pinned_to_one_core, ratio, result
+from inferpool.bench.common import Stopwatch, ensure_ray, goal, percentile, pinned_to_one_core, ratio, result
 
 ENGINES = 8
 IN_FLIGHT = 1_000
@@ -181,6 +181,6 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
 if __name__ == "__main__":
     import sys
 
-    from bench.runner import main as _main
+    from inferpool.bench.runner import main as _main
 
     raise SystemExit(_main(["--only", "router_capacity", *sys.argv[1:]]))

@@ -47,7 +47,7 @@ from the engines' cumulative counters read before and after it.
 In full mode, when vLLM is installed, the same is run on 2 real vLLM CPU engines (the
 tiny model, ``enable_prefix_caching``, shorter prompts), reported with a ``vllm_`` prefix.
 
-Run: python -m bench.routing_policies [--quick] [--json PATH]
+Run: python -m inferpool.bench.routing_policies [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ import statistics
 import time
 from typing import Any
 
-from bench.common import Stopwatch, ensure_ray, goal, percentile, ratio, result
+from inferpool.bench.common import Stopwatch, ensure_ray, goal, percentile, ratio, result
 
 RATIO_GOAL = 1.5
 _CONTROL_TIMEOUT_S = 60.0
@@ -343,8 +343,8 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
 if __name__ == "__main__":
     import sys
 
-    from bench.runner import main as _main
-    from bench.runner import register
+    from inferpool.bench.runner import main as _main
+    from inferpool.bench.runner import register
 
-    register("routing_policies", "bench.routing_policies")
+    register("routing_policies", "inferpool.bench.routing_policies")
     raise SystemExit(_main(["--only", "routing_policies", *sys.argv[1:]]))

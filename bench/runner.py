@@ -1,36 +1,25 @@
 """Run the benchmarks: all or some, quick or full, printed and optionally written as JSON.
 
-``python -m bench [--quick] [--only NAME[,NAME]] [--json PATH] [--list]``
+``python -m inferpool.bench [--quick] [--only NAME[,NAME]] [--json PATH] [--list]``
 
 Registry: :data:`BENCHMARKS` maps a name to the module that implements it; a module
-has ``run(quick: bool) -> dict`` (see :mod:`bench.common` for the dict) and is imported
+has ``run(quick: bool) -> dict`` (see :mod:`inferpool.bench.common` for the dict) and is imported
 only when selected, so a benchmark that needs vLLM costs nothing when it is not run.
 Add one with an entry in :data:`BENCHMARKS` or :func:`register`.
 
 The exit status is 0 when every selected benchmark ran (goals not met included: they
 are reported, never asserted), 1 when one raised, 2 for bad arguments.
 
-Hooking up ``inferpool bench``: the ``bench`` folder sits next to ``inferpool/`` in the
-source checkout (it is not part of the installed distribution). ``inferpool/cli.py``
-finds it from the installed package (an editable install points at the checkout)::
-
-    root = Path(inferpool.__file__).resolve().parent.parent   # the repository root
-    if (root / "bench" / "runner.py").is_file() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from bench.runner import main            # ModuleNotFoundError: not a source checkout
-    return main(argv)
-
-or loads this file by path (``importlib.util.spec_from_file_location``) and calls
-:func:`cli_main`, which puts the repository root on ``sys.path`` itself before it
-imports its sibling modules. ``INFERPOOL_BENCH_DIR`` may point at another ``bench``
-folder. :func:`locate_bench_dir` implements the lookup.
+``inferpool bench`` runs :func:`main`: the benchmarks are installed with the package as
+``inferpool.bench`` (the ``bench/`` folder of the checkout), so the command works from any
+directory, and Ray workers import benchmark modules (and the actor classes defined in them)
+like any other part of the package.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -41,48 +30,20 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS: dict[str, str] = {
-    "pool_vs_raw": "bench.pool_vs_raw",  # issue 2: pool generate vs raw AsyncLLM (vLLM)
-    "router_capacity": "bench.router_capacity",  # issue 8: decisions/s, added latency
-    "scaling": "bench.scaling",  # issue 9: fake engines, efficiency vs linear
-    "weight_push": "bench.weight_push",  # issue 7: update_weights bytes/s vs ray.put + ray.get
-    "state_ref_vs_json": "bench.state_ref_vs_json",  # issue 3: session state via ObjectRef vs JSON/HTTP
-    "routing_policies": "bench.routing_policies",  # issue 8: affinity / prefix-aware vs least-loaded
+    "pool_vs_raw": "inferpool.bench.pool_vs_raw",  # issue 2: pool generate vs raw AsyncLLM (vLLM)
+    "router_capacity": "inferpool.bench.router_capacity",  # issue 8: decisions/s, added latency
+    "scaling": "inferpool.bench.scaling",  # issue 9: fake engines, efficiency vs linear
+    "weight_push": "inferpool.bench.weight_push",  # issue 7: update_weights bytes/s vs ray.put + ray.get
+    "state_ref_vs_json": "inferpool.bench.state_ref_vs_json",  # issue 3: session state via ObjectRef vs JSON/HTTP
+    "routing_policies": "inferpool.bench.routing_policies",  # issue 8: affinity / prefix-aware vs least-loaded
 }
 """Benchmark name -> module with ``run(quick: bool) -> dict``; run in this order (``weight_push``
-right after ``scaling``: it reuses the same pool of fake engines, see :func:`bench.common.borrow`)."""
+right after ``scaling``: it reuses the same pool of fake engines, see :func:`inferpool.bench.common.borrow`)."""
 
 
 def register(name: str, module: str) -> None:
     """Make ``--only name`` run ``module.run(quick)`` (module given as an import path)."""
     BENCHMARKS[name] = module
-
-
-def locate_bench_dir() -> Path | None:
-    """The ``bench`` folder: ``INFERPOOL_BENCH_DIR``, else this file's folder, else next to ``inferpool/``."""
-    candidates = []
-    if os.environ.get("INFERPOOL_BENCH_DIR"):
-        candidates.append(Path(os.environ["INFERPOOL_BENCH_DIR"]))
-    candidates.append(Path(__file__).resolve().parent)
-    try:
-        import inferpool
-
-        candidates.append(Path(inferpool.__file__).resolve().parent.parent / "bench")
-    except ImportError:
-        pass
-    for path in candidates:
-        if (path / "runner.py").is_file():
-            return path
-    return None
-
-
-def _ensure_importable() -> None:
-    """Put the folder holding ``bench/`` on ``sys.path`` when ``import bench`` would fail."""
-    if importlib.util.find_spec("bench") is not None:
-        return
-    found = locate_bench_dir()
-    if found is None:
-        raise ModuleNotFoundError("the bench/ folder was not found (set INFERPOOL_BENCH_DIR)")
-    sys.path.insert(0, str(found.parent))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +67,7 @@ def _selected(only: str) -> list[str]:
 
 def run_one(name: str, quick: bool) -> dict[str, Any]:
     """Import and run one benchmark; an exception becomes an ``error`` entry, not a crash."""
-    from bench.common import CpuMeter, load_average
+    from inferpool.bench.common import CpuMeter, load_average
 
     t0 = time.perf_counter()
     with CpuMeter() as cpu:
@@ -127,11 +88,10 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the selected benchmarks, print each one's figures and goals, return the exit status."""
-    _ensure_importable()
     import ray
 
-    from bench import report
-    from bench.common import load_average, machine_info, shared_scope
+    from inferpool.bench import report
+    from inferpool.bench.common import load_average, machine_info, shared_scope
 
     args = build_parser().parse_args(argv)
     if args.list:
@@ -181,8 +141,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         path.write_text(json.dumps(payload, indent=2, default=str))
         print(f"wrote {path}")
     return 1 if any("error" in r for r in results) else 0
-
-
-def cli_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for ``inferpool bench`` when this file was loaded by path: same as :func:`main`."""
-    return main(argv)

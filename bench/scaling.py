@@ -38,7 +38,7 @@ service rate); ``cpu_ms_per_req`` = CPU time of this process and everything it s
 of all cores busy during the pass, anyone's (near 1.0: the machine, not the pool, set
 the pace).
 
-Run: python -m bench.scaling [--quick] [--json PATH]
+Run: python -m inferpool.bench.scaling [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from bench.common import CpuMeter, borrow, ensure_ray, goal, ratio, result
+from inferpool.bench.common import CpuMeter, borrow, ensure_ray, goal, ratio, result
 
 EFFICIENCY_GOAL = 0.9
 PROMPT = list(range(1, 17))
@@ -98,7 +98,7 @@ def pool_config(engine_kwargs: dict[str, Any], replicas: int) -> Any:
 @contextmanager
 def fake_pool(engine_kwargs: dict[str, Any], replicas: int) -> Iterator[Any]:
     """A pool of fake engines with ``replicas`` engines, shared with any other benchmark of the
-    same run that asks for the same ``engine_kwargs`` (see :func:`bench.common.borrow`)."""
+    same run that asks for the same ``engine_kwargs`` (see :func:`inferpool.bench.common.borrow`)."""
     import inferpool as ip
 
     key = "fake-pool:" + json.dumps(engine_kwargs, sort_keys=True)
@@ -255,6 +255,6 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
 if __name__ == "__main__":
     import sys
 
-    from bench.runner import main as _main
+    from inferpool.bench.runner import main as _main
 
     raise SystemExit(_main(["--only", "scaling", *sys.argv[1:]]))

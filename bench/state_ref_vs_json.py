@@ -27,7 +27,7 @@ medians, measured side by side in one run, the paths taking turns in rounds (goa
 on the 1x32k state, driver and task). ``encode``/``decode`` break the JSON side down
 (to_dict + dumps, loads) as measured in this driver, with no HTTP in between.
 
-Run: python -m bench.state_ref_vs_json [--quick] [--json PATH]
+Run: python -m inferpool.bench.state_ref_vs_json [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import statistics
 import time
 from typing import Any
 
-from bench.common import Stopwatch, ensure_ray, goal, ratio, result
+from inferpool.bench.common import Stopwatch, ensure_ray, goal, ratio, result
 
 RATIO_GOAL = 20.0
 TOTAL_TOKENS = 32_768
@@ -359,8 +359,8 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
 if __name__ == "__main__":
     import sys
 
-    from bench.runner import main as _main
-    from bench.runner import register
+    from inferpool.bench.runner import main as _main
+    from inferpool.bench.runner import register
 
-    register("state_ref_vs_json", "bench.state_ref_vs_json")
+    register("state_ref_vs_json", "inferpool.bench.state_ref_vs_json")
     raise SystemExit(_main(["--only", "state_ref_vs_json", *sys.argv[1:]]))

@@ -24,7 +24,7 @@ best bytes/s (bytes of one copy of the state dict over wall seconds) and
 ``pool_over_raw`` their ratio. In full mode, when vLLM is installed, the tiny model's
 weights are also pushed to one real vLLM CPU engine (reported, no raw counterpart).
 
-Run: python -m bench.weight_push [--quick] [--json PATH]
+Run: python -m inferpool.bench.weight_push [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench.common import Stopwatch, ensure_ray, ratio, result
-from bench.scaling import SHARED_ENGINE_KWARGS, fake_pool
+from inferpool.bench.common import Stopwatch, ensure_ray, ratio, result
+from inferpool.bench.scaling import SHARED_ENGINE_KWARGS, fake_pool
 
 TENSOR_BYTES = 4 << 20  # synthetic tensors of 4 MiB (1 Mi float32)
 CHUNK_BYTES = 256 << 20  # pool.update_weights' default chunk size, used by both paths
@@ -231,8 +231,8 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
 if __name__ == "__main__":
     import sys
 
-    from bench.runner import main as _main
-    from bench.runner import register
+    from inferpool.bench.runner import main as _main
+    from inferpool.bench.runner import register
 
-    register("weight_push", "bench.weight_push")
+    register("weight_push", "inferpool.bench.weight_push")
     raise SystemExit(_main(["--only", "weight_push", *sys.argv[1:]]))

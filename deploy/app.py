@@ -30,11 +30,11 @@ from pydantic import Field
 from ray import serve
 from ray.serve.deployment import Application
 
-from inferpool._model import ConfigModel
 from inferpool.config import Backend, EngineConfig, PoolConfig, RouterConfig, SessionConfig
 from inferpool.errors import ConfigError
 from inferpool.log import setup_logging
 from inferpool.pool import Pool
+from inferpool.validation import ConfigModel
 
 from .engines import EngineReplica, engine_deployment_options
 from .gateway import PoolGateway

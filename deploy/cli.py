@@ -44,10 +44,10 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from inferpool._ray import ensure_ray
     from inferpool.config import EngineConfig, PoolConfig
     from inferpool.errors import ConfigError
     from inferpool.pool import Pool
+    from inferpool.ray_utils import ensure_ray
 
     from .app import API_KEY_ENV, build_app, run_app
 

@@ -28,10 +28,10 @@ from typing import Any
 import ray
 from ray import serve
 
-from inferpool._ray import await_ref
 from inferpool.actors.engine import engine_actor_class, engine_actor_options
 from inferpool.config import EngineConfig
 from inferpool.log import setup_logging
+from inferpool.ray_utils import await_ref
 from inferpool.types import EngineInfo
 
 from .autoscaling import METRIC, engine_autoscaling_config

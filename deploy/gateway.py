@@ -13,9 +13,9 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from inferpool._ray import await_ref
 from inferpool.errors import ConfigError, NoHealthyEngineError, RequestError, SessionNotFoundError
 from inferpool.openai_types import ChatCompletion, Completion
+from inferpool.ray_utils import await_ref
 
 from .schemas import (
     SESSION_ID_PATTERN,
@@ -175,15 +175,15 @@ class PoolGateway:
         return pool.session(session_id=self.check_session_id(session_id), existing=True)
 
     async def create_session(self, req: SessionCreateRequest) -> str:
-        from inferpool.actors.session_store import SessionOptions
         from inferpool.reasoning import get_tool_parser
-        from inferpool.sequences import new_session_id
+        from inferpool.sequences import SessionOptions, new_session_id
 
         get_tool_parser(req.tool_parser)  # unknown parser: ConfigError (400) now, not on the first turn
         pool = await self.pool()
         sid = req.session_id or new_session_id()
         options = SessionOptions(track_tree=req.track_tree, tool_parser=req.tool_parser)
-        await await_ref(pool.session_store(sid).create.remote(sid, options), _CONTROL_TIMEOUT_S, "session store")
+        create = pool.session_store(sid).create.remote(sid, options, exclusive=True)
+        await await_ref(create, _CONTROL_TIMEOUT_S, "session store")
         return sid
 
     async def list_sessions(self) -> list[dict[str, Any]]:

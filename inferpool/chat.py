@@ -1,26 +1,38 @@
 """Chat rendering with the tokenizer's chat template, and the seam between turns.
 
-Only the new part of a turn is ever encoded. To find it, the messages are rendered
-with the content of the last stored assistant message replaced by a sentinel: what
-the template puts after the sentinel is exactly the end-of-turn glue plus the new
-messages (and the generation prompt). Earlier turns are never rendered into the
-prompt again, so templates that rewrite or drop earlier think blocks cannot change
+Only the new part of a turn is ever rendered and encoded. To find it, a short probe is
+rendered: the system message (templates may carry it into later turns), a filler user
+message where needed so the stored reply keeps its position's parity (templates that
+check user/assistant alternation), the stored assistant reply with its content replaced
+by a marker, then the new messages. What the template puts after the marker is exactly
+the end-of-turn glue plus the new messages (and the generation prompt). The marker is
+random per render and must occur exactly once, so no message text can forge it. Earlier
+turns are never rendered again, so the cost of a turn does not grow with the
+conversation, and templates that rewrite or drop earlier think blocks cannot change
 tokens the engine already saw.
+
+A conversation that ends with an assistant message gets a new assistant turn after it
+(the generation prompt, as vLLM's chat API does by default), or, with
+``continue_final_message=True``, a prompt that continues that message.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from inferpool.config import PoolConfig
 from inferpool.errors import RequestError
+from inferpool.hub import check_model_source
 
 logger = logging.getLogger(__name__)
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-_SENTINEL = "\u2063\u2063inferpool-sentinel\u2063\u2063"
+_FILLER = {"role": "user", "content": "."}
 
 
 def validate_messages(messages: Any) -> list[dict[str, Any]]:
@@ -87,6 +99,35 @@ def message_key(msg: Mapping[str, Any]) -> str:
     )
 
 
+_RENDERER_LOCK = threading.Lock()  # transformers' lazy imports are not thread-safe
+_RENDERERS: dict[str, ChatRenderer] = {}
+
+
+def load_renderer(config: PoolConfig) -> ChatRenderer:
+    """The chat renderer of a pool's tokenizer (``EngineConfig.tokenizer``, else its model, else
+    the embedded tiny model for in-process engines), loaded once per process; blocking."""
+    group = config.engines[0]
+    path, field = group.tokenizer, "EngineConfig.tokenizer"
+    if path is None:
+        path, field = group.model, "EngineConfig.model"
+    if path is None and group.backend in ("vllm", "sglang"):
+        from inferpool.tiny_model import tiny_model
+
+        path = tiny_model()
+    if path is None:
+        raise RequestError(
+            f"tokenizer: the {group.backend!r} engines have no tokenizer to render chat with; "
+            "set EngineConfig.tokenizer (or model)",
+            field="tokenizer",
+        )
+    with _RENDERER_LOCK:
+        renderer = _RENDERERS.get(path)
+        if renderer is None:
+            check_model_source(path, field)
+            renderer = _RENDERERS[path] = ChatRenderer.from_pretrained(path)
+    return renderer
+
+
 class ChatRenderer:
     """Renders messages with one tokenizer's chat template."""
 
@@ -101,7 +142,7 @@ class ChatRenderer:
 
         return cls(AutoTokenizer.from_pretrained(path))
 
-    def _template(
+    def template(
         self,
         messages: list[dict[str, Any]],
         *,
@@ -135,17 +176,27 @@ class ChatRenderer:
         *,
         tools: list[dict[str, Any]] | None = None,
         template_kwargs: Mapping[str, Any] | None = None,
+        continue_final: bool = False,
     ) -> tuple[str, list[int]]:
-        """A fresh prompt: generation prompt unless the last message is the assistant's."""
-        last_is_assistant = messages[-1]["role"] == "assistant"
-        text = self._template(
+        """A fresh prompt: the generation prompt, or with ``continue_final`` (the last message
+        being the assistant's) a prompt that continues that message."""
+        text = self.template(
             messages,
-            add_generation_prompt=not last_is_assistant,
-            continue_final=last_is_assistant,
+            add_generation_prompt=not self._continues(messages, continue_final),
+            continue_final=self._continues(messages, continue_final),
             tools=tools,
             template_kwargs=template_kwargs,
         )
         return text, self.encode(text)
+
+    @staticmethod
+    def _continues(messages: Sequence[Mapping[str, Any]], continue_final: bool) -> bool:
+        if continue_final and messages[-1].get("role") != "assistant":
+            raise RequestError(
+                "continue_final_message: the last message must be the assistant's to continue it",
+                field="continue_final_message",
+            )
+        return continue_final
 
     def suffix(
         self,
@@ -155,28 +206,41 @@ class ChatRenderer:
         *,
         tools: list[dict[str, Any]] | None = None,
         template_kwargs: Mapping[str, Any] | None = None,
+        continue_final: bool = False,
     ) -> str:
         """Text to append after a stored sequence whose messages are ``messages[:stored]``.
 
         ``messages[stored - 1]`` is the stored assistant turn. The result is the template's
         end-of-turn glue after it plus the rendering of ``messages[stored:]`` (and the
-        generation prompt). When the stored turn already ended with the EOS/end-of-turn
-        token, the template's own end-of-turn is not added a second time.
+        generation prompt, or the continued last message with ``continue_final``). When the
+        stored turn already ended with the EOS/end-of-turn token, the template's own
+        end-of-turn is not added a second time. Cost: the new messages only.
         """
-        probe = [dict(m) for m in messages]
-        probe[stored - 1] = {"role": "assistant", "content": _SENTINEL}
-        last_is_assistant = stored == len(messages) or messages[-1]["role"] == "assistant"
-        text = self._template(
+        if stored >= len(messages) and continue_final:
+            raise RequestError(
+                "continue_final_message: continuing the stored reply itself needs no rendering",
+                field="continue_final_message",
+            )
+        marker = f"\u2063inferpool-{uuid.uuid4().hex}\u2063"
+        head: list[dict[str, Any]] = []
+        if stored > 1 and messages[0].get("role") in ("system", "developer"):
+            head.append(messages[0])
+        if len(head) % 2 != (stored - 1) % 2:
+            head.append(_FILLER)
+        probe = [*head, {"role": "assistant", "content": marker}, *messages[stored:]]
+        text = self.template(
             probe,
-            add_generation_prompt=not last_is_assistant,
-            continue_final=last_is_assistant,
+            add_generation_prompt=not self._continues(probe, continue_final),
+            continue_final=continue_final,
             tools=tools,
             template_kwargs=template_kwargs,
         )
-        at = text.rfind(_SENTINEL)
+        at = text.find(marker)
         if at < 0:
             raise RequestError("messages: the chat template dropped the previous assistant turn", field="messages")
-        tail = text[at + len(_SENTINEL) :]
+        if text.find(marker, at + 1) >= 0:
+            raise RequestError("messages: the chat template repeated the previous assistant turn", field="messages")
+        tail = text[at + len(marker) :]
         if ended_with_eos and self.eos_text and tail.startswith(self.eos_text):
             tail = tail[len(self.eos_text) :]
         return tail

@@ -58,19 +58,9 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    """Run the benchmarks in the checkout's bench/ folder (next to the inferpool package)."""
-    from pathlib import Path
+    """Run the benchmarks (:mod:`inferpool.bench`)."""
+    from inferpool.bench.runner import main as bench_main
 
-    import inferpool
-
-    root = Path(inferpool.__file__).resolve().parent.parent
-    if (root / "bench" / "runner.py").is_file() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        from bench.runner import main as bench_main
-    except ModuleNotFoundError:
-        print("inferpool bench: the bench/ folder of a source checkout is needed", file=sys.stderr)
-        return 2
     argv: list[str] = []
     if args.quick:
         argv.append("--quick")

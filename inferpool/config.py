@@ -6,8 +6,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from inferpool._model import ConfigModel
+from inferpool.errors import ConfigError
 from inferpool.reasoning.config import ReasoningConfig
+from inferpool.validation import ConfigModel
 
 Backend = Literal["vllm", "sglang", "fake", "openai", "vllm_http", "sglang_http", "trl_http"]
 LOCAL_BACKENDS = ("vllm", "sglang", "fake")
@@ -187,6 +188,21 @@ class RouterConfig(ConfigModel):
     )
 
 
+    def cross_check(self) -> None:
+        check_quota(self.max_requests_per_engine, self.eval_requests_per_engine, "RouterConfig.")
+
+
+def check_quota(capacity: int, eval_quota: int, where: str) -> None:
+    """Train requests get ``capacity - eval_quota`` slots: a quota that leaves none is refused."""
+    if eval_quota >= capacity:
+        raise ConfigError(
+            f"{where}eval_requests_per_engine ({eval_quota}) must be below {where}max_requests_per_engine "
+            f"({capacity}): the eval quota is reserved out of the capacity, so train requests would get "
+            "no slot at all (set eval_requests_per_engine=0 to let eval share the train slots)",
+            field="eval_requests_per_engine",
+        )
+
+
 class SessionConfig(ConfigModel):
     """Managed sessions."""
 
@@ -256,6 +272,21 @@ class PoolConfig(ConfigModel):
         if not v:
             raise ValueError("at least one engine group is needed")
         return v
+
+    def cross_check(self) -> None:
+        for i, group in enumerate(self.engines):
+            capacity = group.max_requests_per_engine or self.router.max_requests_per_engine
+            quota = (
+                self.router.eval_requests_per_engine
+                if group.eval_requests_per_engine is None
+                else group.eval_requests_per_engine
+            )
+            check_quota(capacity, quota, f"PoolConfig.engines[{i}].")
+
+    def model_name(self) -> str:
+        """The model name clients see (the first engine group's model)."""
+        group = self.engines[0]
+        return group.model or ("inferpool/tiny-chat" if group.backend in ("vllm", "sglang") else group.backend)
 
     @model_validator(mode="after")
     def _check_transfer(self) -> PoolConfig:

@@ -20,9 +20,9 @@ from typing import Any
 
 from pydantic import Field
 
-from inferpool._model import ConfigModel
 from inferpool.config import EngineConfig, PoolConfig
 from inferpool.pool import Pool
+from inferpool.validation import ConfigModel
 
 logger = logging.getLogger(__name__)
 

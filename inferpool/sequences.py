@@ -156,6 +156,28 @@ def new_session_id() -> str:
     return uuid.uuid4().hex
 
 
+def is_session_id(session_id: str) -> bool:
+    """Managed sessions have hex ids (hashed to a store shard)."""
+    try:
+        int(session_id, 16)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def shard_of(session_id: str, shards: int) -> int:
+    """The store shard that owns a session id."""
+    return int(session_id, 16) % shards
+
+
+@dataclasses.dataclass
+class SessionOptions:
+    """Per-session options chosen at creation."""
+
+    track_tree: bool = False
+    tool_parser: str = "hermes"
+
+
 @dataclasses.dataclass
 class Prefix:
     """The stored sequence a new turn extends (or none) and the new prompt's pieces."""

@@ -3,7 +3,10 @@
 A Session is a cheap handle (an id and the store shard that owns it); the state lives
 in a SessionStore actor. It works with ``async with pool.session() as s:`` and without
 the context manager (``s = pool.session()``, then ``asyncio.run(s.chat(...))`` from a
-synchronous Ray task). The first call creates the session in its store.
+synchronous Ray task). Every call carries the session's creation options, and the store
+creates the session on the first call that reaches it (idempotently), so a handle stays
+usable whatever its first call did: failed, raced with another, or was cancelled.
+A handle made with ``existing=True`` never creates: an unknown id raises.
 """
 
 from __future__ import annotations
@@ -15,11 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from inferpool._ray import await_ref
-from inferpool.actors.session_store import SessionOptions
 from inferpool.openai_types import ChatCompletion, Completion
+from inferpool.ray_utils import await_ref
 from inferpool.reasoning import ReasoningConfig
-from inferpool.sequences import SessionState
+from inferpool.sequences import SessionOptions, SessionState
 from inferpool.types import Split
 
 if TYPE_CHECKING:
@@ -31,20 +33,21 @@ logger = logging.getLogger(__name__)
 class Session:
     """A token-exact multi-turn session. Turns to one session are serialized."""
 
-    def __init__(self, pool: Pool, session_id: str, store: Any, options: SessionOptions) -> None:
+    def __init__(
+        self, pool: Pool, session_id: str, store: Any, options: SessionOptions, *, existing: bool = False
+    ) -> None:
         self.pool = pool
         self.session_id = session_id
         self._store = store
         self._options = options
-        self._created = False
+        self._existing = existing  # never create: the session was made elsewhere
 
     def _create(self) -> SessionOptions | None:
-        return None if self._created else self._options
+        """The options a call sends so the store creates the session if it is new."""
+        return None if self._existing else self._options
 
     async def _call(self, ref: ray.ObjectRef) -> Any:
-        out = await await_ref(ref, self.pool.session_timeout_s(), f"session {self.session_id}")
-        self._created = True
-        return out
+        return await await_ref(ref, self.pool.session_timeout_s(), f"session {self.session_id}")
 
     async def chat(
         self,
@@ -96,52 +99,42 @@ class Session:
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """The prompt text and token ids a chat call would send now (nothing generated)."""
-        await self._ensure_created()
         reasoning = self.pool.effective_reasoning(reasoning, skip_reasoning)
         out: dict[str, Any] = await self._call(
-            self._store.render.remote(self.session_id, messages, tools, reasoning, chat_template_kwargs)
+            self._store.render.remote(
+                self.session_id, messages, tools, reasoning, chat_template_kwargs, self._create()
+            )
         )
         return out
 
-    async def _ensure_created(self) -> None:
-        if not self._created:
-            await self._call(self._store.create.remote(self.session_id, self._options))
-
     async def state(self) -> SessionState:
         """The session's sequences (token ids, masks, logprobs, metadata)."""
-        await self._ensure_created()
-        out: SessionState = await self._call(self._store.get_state.remote(self.session_id))
+        out: SessionState = await self._call(self._store.get_state.remote(self.session_id, self._create()))
         return out
 
     def state_ref(self) -> ray.ObjectRef:
-        """An ObjectRef to the SessionState, fetchable with ray.get anywhere in the cluster."""
-        if not self._created:
-            ray.get(self._store.create.remote(self.session_id, self._options), timeout=60)
-            self._created = True
-        return self._store.get_state.remote(self.session_id)
+        """An ObjectRef to the SessionState, fetchable with ray.get anywhere in the cluster
+        (no wait here: usable from async code and during a running turn)."""
+        return self._store.get_state.remote(self.session_id, self._create())
 
     async def abort(self) -> int:
         """Abort this session's in-flight requests: a running turn returns at once with finish
         reason ``abort`` and the tokens sampled so far, which the session records. Returns how
         many requests were aborted (0 when nothing was running)."""
-        if not self._created:  # no turn has run yet
-            return 0
-        ref = self._store.abort.remote(self.session_id)
+        ref = self._store.abort.remote(self.session_id, missing_ok=not self._existing)
         return int(await await_ref(ref, self.pool.session_timeout_s(), f"session {self.session_id}"))
 
     async def reset(self) -> None:
         """Drop every stored sequence (the session stays open)."""
-        await self._ensure_created()
-        await self._call(self._store.reset.remote(self.session_id))
+        await self._call(self._store.reset.remote(self.session_id, self._create()))
 
     async def close(self) -> None:
-        """Forget the session and its state."""
-        if self._created:
-            await self._call(self._store.close.remote(self.session_id))
-        self._created = False
+        """Forget the session and its state (idempotent)."""
+        await self._call(self._store.close.remote(self.session_id))
 
     async def __aenter__(self) -> Session:
-        await self._ensure_created()
+        if not self._existing:
+            await self._call(self._store.create.remote(self.session_id, self._options))
         return self
 
     async def __aexit__(

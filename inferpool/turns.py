@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from inferpool.chat import ChatRenderer, message_key, validate_messages
 from inferpool.errors import RequestError
@@ -27,7 +27,9 @@ from inferpool.reasoning import (
     apply_tool_choice,
     get_tool_parser,
     split_reasoning,
+    strip_control_fields,
 )
+from inferpool.routing.dispatch import Dispatcher
 from inferpool.sequences import (
     Prefix,
     SequenceNode,
@@ -37,9 +39,6 @@ from inferpool.sequences import (
     longest_text_prefix,
 )
 from inferpool.types import Choice, GenerateResult, SamplingParams, Split
-
-if TYPE_CHECKING:
-    from inferpool.pool import Pool
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ def _logprobs_json(renderer: ChatRenderer, choice: Choice, top: int) -> dict[str
 
 
 async def chat_turn(
-    pool: Pool,
+    dispatcher: Dispatcher,
     renderer: ChatRenderer,
     messages: Any,
     *,
@@ -154,7 +153,7 @@ async def chat_turn(
         text, ids = renderer.render(msgs, tools=tools, template_kwargs=kwargs)
         prefix = Prefix(None, ids, text)
     # route + generate
-    result = await pool.generate(prefix.prompt_ids(), sp, split=split, session_id=state.session_id if state else None)
+    result = await dispatcher.submit(prefix.prompt_ids(), sp, split, state.session_id if state else None)
     # record
     choices: list[ChatChoice] = []
     children: list[SequenceNode] = []
@@ -220,7 +219,7 @@ def _metadata(result: GenerateResult, c: Choice) -> dict[str, Any]:
 
 
 async def completion_turn(
-    pool: Pool,
+    dispatcher: Dispatcher,
     renderer: ChatRenderer,
     prompt: Any,
     *,
@@ -242,7 +241,7 @@ async def completion_turn(
     prefix = Prefix(parent, renderer.encode(suffix_text) if suffix_text else [], suffix_text)
     if not prefix.prompt_ids():
         raise RequestError("prompt: encodes to no tokens", field="prompt")
-    result = await pool.generate(prefix.prompt_ids(), sp, split=split, session_id=state.session_id if state else None)
+    result = await dispatcher.submit(prefix.prompt_ids(), sp, split, state.session_id if state else None)
     choices: list[CompletionChoice] = []
     children: list[SequenceNode] = []
     for c in result.choices:
@@ -272,8 +271,36 @@ PLACEHOLDER_PROMPT_ID = -1
 PLACEHOLDER_SAMPLED_ID = -2
 
 
+async def text_call(dispatcher: Dispatcher, method: str, body: dict[str, Any], split: Split) -> dict[str, Any]:
+    """A text-level call (``chat`` or ``completion``) on a text-only engine, through a lease."""
+    body, _ = strip_control_fields(body)
+    out: dict[str, Any] = await dispatcher.call(split, lambda h: getattr(h, method).remote(body))
+    return out
+
+
+async def text_chat(
+    dispatcher: Dispatcher,
+    messages: Any,
+    n: int,
+    tools: list[dict[str, Any]] | None,
+    tool_choice: Any,
+    reasoning: ReasoningConfig | None,
+    split: Split,
+    sampling: Mapping[str, Any],
+) -> ChatCompletion:
+    """A stateless chat on a text-only engine (hosted API): the engine renders and parses."""
+    body: dict[str, Any] = {"messages": messages, "n": n, **sampling}
+    if tools is not None:
+        body["tools"] = tools
+    if tool_choice is not None:
+        body["tool_choice"] = tool_choice
+    if reasoning is not None:
+        body["reasoning"] = reasoning.model_dump(exclude_none=True)
+    return ChatCompletion(**await text_call(dispatcher, "chat", body, split))
+
+
 async def placeholder_chat_turn(
-    pool: Pool,
+    dispatcher: Dispatcher,
     messages: Any,
     *,
     n: int = 1,
@@ -295,9 +322,7 @@ async def placeholder_chat_turn(
     msgs = validate_messages(messages)
     parent, stored = longest_message_prefix(state.nodes, [message_key(m) for m in msgs])
     new_text = json.dumps(msgs[stored:], ensure_ascii=False)
-    out = await pool.chat(
-        msgs, n, tools=tools, tool_choice=tool_choice, reasoning=reasoning, split=split, **dict(sampling or {})
-    )
+    out = await text_chat(dispatcher, msgs, n, tools, tool_choice, reasoning, split, dict(sampling or {}))
     children = []
     for choice in out.choices:
         reply = choice.message.content or ""

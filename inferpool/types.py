@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from inferpool._model import RequestModel
+from inferpool.validation import RequestModel
 
 Split = Literal["train", "eval"]
 FinishReason = Literal["stop", "length", "abort", "tool_calls", "error"]
@@ -112,6 +112,7 @@ class EngineInfo:
     transfer_ranks: int = 1  # receiving workers in a native weight transfer (tensor x pipeline x data parallel)
     placement_group_id: str = ""  # the Ray placement group the engine runs in ("" outside one)
     bundle_index: int | None = None  # its bundle there, when the pool placed it into a given group
+    group: int = 0  # index of its group in PoolConfig.engines (set when the router registers it)
 
 
 @dataclasses.dataclass(slots=True)

@@ -12,7 +12,7 @@ import logging
 
 from pydantic import Field, field_validator
 
-from inferpool._model import ConfigModel
+from inferpool.validation import ConfigModel
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ from typing import Any
 import ray
 
 from inferpool.config import PoolConfig, RouterConfig
-from inferpool.errors import EngineOverloadedError, NoHealthyEngineError, RequestError
+from inferpool.errors import EngineOverloadedError, InferpoolError, NoHealthyEngineError, RequestError
 from inferpool.metrics import MetricsRegistry
+from inferpool.routing.leases import Lease, LeaseAsk, LeaseBook, LeaseReturn
 from inferpool.routing.policy import EngineSlot, Policy, RouteRequest, make_policy
 from inferpool.routing.stats import RequestTimings
 from inferpool.types import EngineInfo, Split
@@ -44,18 +45,6 @@ def policy_options(config: RouterConfig) -> dict[str, Any]:
             "rel_threshold": config.affinity_rel_threshold,
         }
     return {}
-
-
-@dataclasses.dataclass(slots=True)
-class Lease:
-    """A reserved slot on one engine."""
-
-    lease_id: int
-    engine_id: str
-    split: Split
-    deadline: float
-    workload: str | None = None
-    started: float = 0.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -81,7 +70,9 @@ class Router:
         self._workload_weights: dict[str, float] = {}
         self._workload_in_flight: dict[str, int] = {}
         self._engines: dict[str, _Engine] = {}
-        self._leases: dict[int, Lease] = {}
+        # tombstones outlive any ask that may still arrive: its wait in the router plus transit
+        self.book = LeaseBook(tombstone_ttl_s=2 * config.acquire_timeout_s + 60.0)
+        self._leases = self.book.leases  # lease_id -> Lease
         self._ids = itertools.count(1)
         self._changed: asyncio.Condition | None = None
         self._health_task: asyncio.Task[None] | None = None
@@ -119,6 +110,7 @@ class Router:
         if old is not None:  # keep counts of leases still out on it
             slot.train_in_flight = old.slot.train_in_flight
             slot.eval_in_flight = old.slot.eval_in_flight
+        info.group = group
         self._engines[info.engine_id] = _Engine(slot=slot, handle=handle, info=info, group=group)
         logger.info("router: engine %s registered (%s, %s)", info.engine_id, info.backend, info.model)
         await self._notify()
@@ -184,7 +176,7 @@ class Router:
         )
         return self._workload_in_flight.get(workload, 0) >= int(share)
 
-    def _try_reserve(self, request: RouteRequest, workload: str | None = None) -> Lease | None:
+    def _try_reserve(self, request: RouteRequest, workload: str | None = None, ticket: str = "") -> Lease | None:
         if self._workload_full(workload, request.split):
             return None
         slots = [e.slot for e in self._engines.values()]
@@ -206,8 +198,9 @@ class Router:
             deadline=time.monotonic() + self.config.lease_timeout_s,
             workload=workload,
             started=time.monotonic(),
+            ticket=ticket,
         )
-        self._leases[lease.lease_id] = lease
+        self.book.add(lease)
         return lease
 
     def _no_slot_error(self, request: RouteRequest, waited: float) -> Exception:
@@ -248,8 +241,10 @@ class Router:
         exclude: Sequence[str] = (),
         timeout_s: float | None = None,
         workload: str | None = None,
+        ticket: str = "",
     ) -> list[Lease]:
-        """Reserve up to ``count`` slots (at least one), spread by the policy."""
+        """Reserve up to ``count`` slots (at least one), spread by the policy; wait (bounded) for
+        one. With a ``ticket`` the leases can be given back by it (:meth:`return_batch`)."""
         await self._ensure_started()
         if split not in ("train", "eval"):
             raise RequestError(f"split: must be 'train' or 'eval', got {split!r}", field="split")
@@ -260,9 +255,11 @@ class Router:
         start = time.monotonic()
         cond = self._cond()
         while True:
+            if self.book.refused(ticket):
+                raise RequestError(f"ticket: {ticket!r} was given back before a slot was granted", field="ticket")
             leases: list[Lease] = []
             while len(leases) < count:
-                lease = self._try_reserve(request, workload)
+                lease = self._try_reserve(request, workload, ticket)
                 if lease is None:
                     break
                 leases.append(lease)
@@ -294,6 +291,44 @@ class Router:
             out.append(self._try_reserve(request, workload))
         return out
 
+    async def lease_batch(self, asks: list[LeaseAsk]) -> list[list[Lease] | InferpoolError]:
+        """Try many asks at once without waiting: each gets its leases (up to its count), an
+        empty list where no slot is free now (that caller then waits with :meth:`lease_wait`),
+        or the error that refuses it."""
+        await self._ensure_started()
+        out: list[list[Lease] | InferpoolError] = []
+        for ask in asks:
+            if ask.split not in ("train", "eval"):
+                out.append(RequestError(f"split: must be 'train' or 'eval', got {ask.split!r}", field="split"))
+                continue
+            leases: list[Lease] = []
+            if not self.book.refused(ask.ticket):
+                request = RouteRequest(ask.split, ask.session_id, ask.prompt_token_ids, frozenset(ask.exclude))
+                while len(leases) < ask.count:
+                    lease = self._try_reserve(request, ask.workload, ask.ticket)
+                    if lease is None:
+                        break
+                    leases.append(lease)
+            out.append(leases)
+        return out
+
+    async def lease_wait(self, ask: LeaseAsk, timeout_s: float | None = None) -> list[Lease]:
+        """Wait (bounded by ``RouterConfig.acquire_timeout_s``) for at least one slot for ``ask``."""
+        return await self.acquire_many(
+            ask.count, ask.split, ask.session_id, ask.prompt_token_ids, ask.exclude, timeout_s, ask.workload, ask.ticket
+        )
+
+    async def return_batch(self, returns: list[LeaseReturn]) -> list[None]:
+        """Give back leases by ticket (see :class:`LeaseReturn`); idempotent, in one actor call."""
+        freed = False
+        for ret in returns:
+            for lease in self.book.give_back(ret):
+                self._settle(lease, ret.ok, ret.attempts)
+                freed = True
+        if freed:
+            await self._notify()
+        return [None] * len(returns)
+
     async def release_batch(self, releases: list[tuple[int, bool, int]]) -> list[None]:
         """Many ``release(lease_id, ok, attempts)`` in one actor call."""
         if any([self._release_one(*r) for r in releases]):
@@ -301,9 +336,14 @@ class Router:
         return [None] * len(releases)
 
     def _release_one(self, lease_id: int, ok: bool = False, attempts: int = 1) -> bool:
-        lease = self._leases.pop(lease_id, None)
+        lease = self.book.pop(lease_id)
         if lease is None:
             return False  # already released (idempotent)
+        self._settle(lease, ok, attempts)
+        return True
+
+    def _settle(self, lease: Lease, ok: bool, attempts: int) -> None:
+        """Free the slot a lease held (the lease has left the book)."""
         engine = self._engines.get(lease.engine_id)
         if engine is not None:
             engine.slot.release(lease.split)
@@ -311,7 +351,6 @@ class Router:
             self._workload_in_flight[lease.workload] = max(0, self._workload_in_flight.get(lease.workload, 0) - 1)
         if ok:
             self.timings.record(lease.engine_id, time.monotonic() - lease.started, lease.split, attempts)
-        return True
 
     async def release(self, lease_id: int, ok: bool = False, attempts: int = 1) -> None:
         """Give the slot back (idempotent); ``ok`` records the request's time and attempts."""
@@ -459,10 +498,10 @@ class Router:
 
     def _reap_expired_leases(self) -> None:
         now = time.monotonic()
-        expired = [lid for lid, lease in self._leases.items() if lease.deadline < now]
-        for lid in expired:
+        for lid in self.book.expired(now):
             logger.warning("router: reclaiming lease %s (not released in time)", lid)
             self._release_one(lid)
+        self.book.forget_tombstones(now)
 
     # -- views ------------------------------------------------------------------------
     def load(self) -> dict[str, dict[str, Any]]:
@@ -484,7 +523,11 @@ class Router:
         }
 
     def num_leases(self) -> int:
-        return len(self._leases)
+        return len(self.book)
+
+    def lease_counts(self) -> dict[str, int]:
+        """Leases out, open tickets and tombstones (tickets given back before their ask arrived)."""
+        return self.book.counts()
 
     async def shutdown(self) -> None:
         if self._health_task is not None:

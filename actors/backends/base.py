@@ -89,7 +89,7 @@ class BaseBackend:
     """How this engine receives weights (PoolConfig.weight_transfer.method); the engine
     actor sets it before ``start`` so backends that need it at start (vLLM) see it."""
 
-    # Native weight transfer (vLLM's four-phase protocol; see inferpool.weight_sync).
+    # Native weight transfer (vLLM's four-phase protocol; see inferpool.weights.trainer).
     def _no_native(self) -> RequestError:
         return RequestError(
             f"weight_transfer.method: the {self.name} backend has no native weight transfer "

@@ -29,11 +29,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from inferpool._model import ConfigModel
 from inferpool.actors.backends.base import BaseBackend, PauseMode
 from inferpool.config import EngineConfig
 from inferpool.errors import BackendError, RequestError
 from inferpool.types import Choice, EngineInfo, GenerateRequest, GenerateResult
+from inferpool.validation import ConfigModel
 
 logger = logging.getLogger(__name__)
 
@@ -415,7 +415,7 @@ class FakeBackend(BaseBackend):
 
     # -- native weight transfer: the "gloo" method, one rank per fake engine ------------------
     async def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
-        from inferpool.weight_sync import GlooInitInfo, open_gloo_group
+        from inferpool.weights.groups import GlooInitInfo, open_gloo_group
 
         if self.weight_transfer != "gloo":
             raise self._no_native()
@@ -430,7 +430,7 @@ class FakeBackend(BaseBackend):
         self._digest = {}
 
     async def receive_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> int:
-        from inferpool.weight_sync import TensorMeta, receive_gloo
+        from inferpool.weights.groups import TensorMeta, receive_gloo
 
         if isinstance(update_info, list):  # one payload per worker rank; the fake engine is one rank
             update_info = update_info[0]

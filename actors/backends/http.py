@@ -31,11 +31,11 @@ from typing import Any, ClassVar
 import aiohttp
 from pydantic import Field
 
-from inferpool._model import ConfigModel
 from inferpool.actors.backends.base import BaseBackend
 from inferpool.config import EngineConfig
 from inferpool.errors import BackendError, ConfigError, InferpoolError
 from inferpool.types import Choice, GenerateRequest, GenerateResult
+from inferpool.validation import ConfigModel
 
 logger = logging.getLogger(__name__)
 

@@ -849,7 +849,7 @@ class SGLangBackend(BaseBackend):
         if not ok:
             raise BackendError(f"SGLang engine {self.engine_id}: init_weights_update_group failed: {message}")
 
-    # -- the pool's native-transfer protocol (inferpool.weight_sync.TorchGroupTrainer drives it) --
+    # -- the pool's native-transfer protocol (inferpool.weights.trainer.TorchGroupTrainer drives it) --
     async def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
         if self.weight_transfer != "nccl":
             raise self._no_native()

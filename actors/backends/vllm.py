@@ -29,11 +29,17 @@ logger = logging.getLogger(__name__)
 
 # On CPU: size the KV cache small, skip torch.compile (it costs 30-50 s per start on 2 cores
 # for little gain on small models) and run the worker inside the engine core process.
+# No chunked prefill on CPU: vLLM discards the token sampled for a request whose prefill was
+# only partly scheduled in a step and rewinds that request's random generator, which a
+# per-request seed creates and which a CPU generator cannot rewind ("CPU Generator does not
+# use offset" kills the engine core). Unchunked, a prompt is scheduled whole or waits for the
+# next step, so seeded requests stay reproducible. GPU engines keep chunked prefill.
 _CPU_DEFAULTS: dict[str, Any] = {
     "gpu_memory_utilization": 0.1,
     "max_model_len": 4096,
     "enforce_eager": True,
     "distributed_executor_backend": "uni",
+    "enable_chunked_prefill": False,
 }
 _WORKER_EXTENSION = "inferpool.actors.backends.vllm_worker.InferpoolWorkerExtension"
 
@@ -165,6 +171,12 @@ class VLLMBackend(BaseBackend):
         if gpu and 0 < self.config.num_gpus < 1:  # colocated with a trainer on a shared GPU
             kwargs.update(colocated_defaults(self.config.num_gpus))
         kwargs.update(self.config.engine_kwargs)
+        if not gpu and kwargs.get("enable_chunked_prefill"):
+            logger.warning(
+                "engine %s: chunked prefill on CPU crashes vLLM's engine core on requests with a seed "
+                "(EngineConfig.engine_kwargs['enable_chunked_prefill'])",
+                self.engine_id,
+            )
         try:
             return AsyncEngineArgs(**kwargs)
         except TypeError as exc:

@@ -6,7 +6,7 @@ trainer's broadcast through vLLM's real ``init_weight_transfer_engine`` /
 ``start_weight_update`` / ``update_weights`` / ``finish_weight_update`` path (layerwise
 reload included). :func:`register` adds it to vLLM's registry under ``"gloo"``; the
 worker extension calls it on import, so every vLLM worker process knows it before
-its model loads. The trainer side is :class:`inferpool.weight_sync.GlooTrainer`.
+its model loads. The trainer side is :class:`inferpool.weights.trainer.GlooTrainer`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
-from inferpool.weight_sync import GlooInitInfo, TensorMeta, open_gloo_group, receive_gloo
+from inferpool.weights.groups import GlooInitInfo, TensorMeta, open_gloo_group, receive_gloo
 
 NAME = "gloo"
 

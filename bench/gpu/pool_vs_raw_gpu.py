@@ -5,11 +5,11 @@ and exits 0 (without vLLM: ``skipped: vLLM not installed``, exit 0).
 
 Run (from the repository root, on a machine with a GPU)::
 
-    python -m bench.gpu.pool_vs_raw_gpu            # full: 1024 prompts x 256 tokens, 3 repeats
-    python -m bench.gpu.pool_vs_raw_gpu --quick    # the same load once, fewer sessions
-    python -m bench.gpu.pool_vs_raw_gpu --json bench/results/gpu.json
+    python -m inferpool.bench.gpu.pool_vs_raw_gpu            # full: 1024 prompts x 256 tokens, 3 repeats
+    python -m inferpool.bench.gpu.pool_vs_raw_gpu --quick    # the same load once, fewer sessions
+    python -m inferpool.bench.gpu.pool_vs_raw_gpu --json bench/results/gpu.json
 
-or, once registered in :mod:`bench.runner`, ``python -m bench --only pool_vs_raw_gpu``.
+or, once registered in :mod:`inferpool.bench.runner`, ``python -m bench --only pool_vs_raw_gpu``.
 
 Model: Qwen2.5-0.5B's shape (24 layers, hidden 896, 14 query / 2 KV heads of 64,
 intermediate 4864, vocabulary 151,936, tied embeddings: ~494M parameters) with random
@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Stopwatch, ensure_ray, goal, ratio, result
+from inferpool.bench.common import Stopwatch, ensure_ray, goal, ratio, result
 
 NAME = "pool_vs_raw_gpu"
 RATIO_GOAL = 0.98  # pool_batch / raw at saturation, as in bench.pool_vs_raw
@@ -172,7 +172,7 @@ def _write_model(out: Path, seed: int) -> None:
         pad_token_id=ids["pad_token_id"],
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(str(out), safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(tiny / name, out / name)
@@ -491,8 +491,8 @@ if __name__ == "__main__":
         print("skipped: vLLM not installed")
         raise SystemExit(0)
 
-    from bench.runner import main as _main
-    from bench.runner import register
+    from inferpool.bench.runner import main as _main
+    from inferpool.bench.runner import register
 
     register(NAME, "bench.gpu.pool_vs_raw_gpu")
     raise SystemExit(_main(["--only", NAME, *sys.argv[1:]]))

@@ -116,3 +116,25 @@ async def test_prompt_logprob_scoring(vllm_pool: ip.Pool, tokenizer: object) -> 
         assert lps == sorted(lps, reverse=True) and all(lp <= 0 for lp in lps)
     by_messages = await vllm_pool.get_logprobs(messages=[{"role": "user", "content": "score me"}], top_k=1)
     assert len(by_messages["prompt_topk_token_ids"]) == len(by_messages["prompt_tokens"])
+
+
+async def test_a_seeded_storm_never_kills_a_cpu_engine(vllm_pool: ip.Pool) -> None:
+    """Hundreds of concurrent seeded requests whose prompts together exceed one step's token
+    budget: with chunked prefill some would be split across steps and vLLM's CPU generator
+    rewind would kill the engine core. Every request is served, the engines stay healthy and
+    the seeds still reproduce."""
+    vocab = min(i.vocab_size for i in vllm_pool.engine_infos())
+
+    def storm_prompt(i: int) -> list[int]:
+        return [(i * 7 + k) % (vocab - 20) + 10 for k in range(300 + (i * 37) % 200)]
+
+    async def one(i: int) -> list[int]:
+        res = await vllm_pool.generate(storm_prompt(i), ip.SamplingParams(max_tokens=6, seed=i, temperature=1.0))
+        return res.choices[0].token_ids
+
+    first = await asyncio.gather(*(one(i) for i in range(300)))
+    assert all(tokens for tokens in first)
+    health = await vllm_pool.router.check_health.remote()
+    assert all(health.values()), health
+    again = await asyncio.gather(*(one(i) for i in range(0, 300, 10)))
+    assert again == first[::10]

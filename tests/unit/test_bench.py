@@ -43,7 +43,7 @@ def check_result(res: dict[str, Any], name: str, expected: list[str], goals: int
 
 
 def test_router_capacity_tiny(ray_session: None) -> None:
-    from bench import router_capacity
+    from inferpool.bench import router_capacity
 
     res = router_capacity.run(quick=True, tiny=True)
     expected = [
@@ -61,7 +61,7 @@ def test_router_capacity_tiny(ray_session: None) -> None:
 
 
 def test_scaling_tiny(ray_session: None) -> None:
-    from bench import scaling
+    from inferpool.bench import scaling
 
     res = scaling.run(quick=True, tiny=True)
     counts = scaling.SIZES["tiny"].counts
@@ -77,7 +77,7 @@ def test_scaling_tiny(ray_session: None) -> None:
 
 
 def test_routing_policies_tiny_runs_every_policy_on_one_set_of_engines(ray_session: None) -> None:
-    from bench import routing_policies
+    from inferpool.bench import routing_policies
 
     res = routing_policies.run(quick=True, tiny=True)
     expected = [
@@ -91,7 +91,7 @@ def test_routing_policies_tiny_runs_every_policy_on_one_set_of_engines(ray_sessi
 
 
 def test_window_rates_count_whole_waves_between_completions_at_the_same_phase() -> None:
-    from bench.scaling import window_rates
+    from inferpool.bench.scaling import window_rates
 
     # 3 engines' worth of completions arrive in waves of 6, one wave every 0.5 s (12 req/s),
     # shuffled; the first wave is the warm-up, then two windows of 2 waves
@@ -104,7 +104,7 @@ def test_window_rates_count_whole_waves_between_completions_at_the_same_phase() 
 
 
 def test_hit_rate_between_counts_only_the_requests_in_between() -> None:
-    from bench.routing_policies import hit_rate_between
+    from inferpool.bench.routing_policies import hit_rate_between
 
     # e0: 1000 tokens at 0.5 before; 1000 more tokens all cached -> 1.0 in between
     # e1: nothing before; 400 tokens, 100 cached -> 0.25; e2 served nothing in between; e3 reports no rate
@@ -115,7 +115,7 @@ def test_hit_rate_between_counts_only_the_requests_in_between() -> None:
 
 
 def test_borrow_shares_within_a_scope_and_stops_at_its_end() -> None:
-    from bench.common import borrow, shared_scope
+    from inferpool.bench.common import borrow, shared_scope
 
     events: list[str] = []
 
@@ -154,7 +154,7 @@ def test_borrow_shares_within_a_scope_and_stops_at_its_end() -> None:
 def test_finish_later_runs_in_the_background_within_a_scope() -> None:
     import threading
 
-    from bench.common import finish_later, shared_scope
+    from inferpool.bench.common import finish_later, shared_scope
 
     done: list[str] = []
     finish_later(lambda: done.append("inline"), "now")
@@ -179,7 +179,7 @@ def test_finish_later_runs_in_the_background_within_a_scope() -> None:
 
 
 def test_bench_ray_is_a_new_local_instance_unless_an_address_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bench.common import ray_address
+    from inferpool.bench.common import ray_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert ray_address() == "local"
@@ -188,7 +188,7 @@ def test_bench_ray_is_a_new_local_instance_unless_an_address_is_given(monkeypatc
 
 
 def test_cpu_meter_counts_this_process() -> None:
-    from bench.common import CpuMeter
+    from inferpool.bench.common import CpuMeter
 
     with CpuMeter() as cpu:
         start = sum(os.times()[:2])
@@ -201,7 +201,7 @@ def test_cpu_meter_counts_this_process() -> None:
 
 
 def test_cpu_meter_keeps_a_reparented_process_ours() -> None:
-    from bench.common import CpuMeter
+    from inferpool.bench.common import CpuMeter
 
     # (ours by pid, others by pid, time): pid 2 was ours and is re-parented (an orphan), pid 4 is a
     # new process of ours, pid 5 a new one of someone else's
@@ -223,7 +223,7 @@ def _cpu_of(pid: int) -> float:
 def test_cpu_meter_counts_a_subprocess_as_ours() -> None:
     import subprocess
 
-    from bench.common import CpuMeter
+    from inferpool.bench.common import CpuMeter
 
     # the child burns 0.2 s of CPU when told to, then waits to be told to exit
     burn = "import os\ninput()\nt = sum(os.times()[:2])\nwhile sum(os.times()[:2]) - t < 0.2: pass\ninput()"
@@ -242,7 +242,7 @@ def test_cpu_meter_counts_a_subprocess_as_ours() -> None:
 
 
 def test_footer_reports_cpu_of_this_run_and_of_other_processes() -> None:
-    from bench import report
+    from inferpool.bench import report
 
     quiet = [{"name": "a", "goals": [], "cpu_s": {"ours": 50.0, "others": 1.0}, "load_average_end": [3.0]}]
     text = report.footer(quiet, total_s=40.0, load_end=[3.0], cpus=2)
@@ -255,7 +255,7 @@ def test_footer_reports_cpu_of_this_run_and_of_other_processes() -> None:
 def test_runner_prints_and_writes_a_registered_benchmark(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bench import common, runner
+    from inferpool.bench import common, runner
 
     stub = types.ModuleType("bench_stub")
 
@@ -284,7 +284,7 @@ def test_runner_prints_and_writes_a_registered_benchmark(
 
 
 def test_runner_rejects_unknown_names_and_lists(capsys: pytest.CaptureFixture[str]) -> None:
-    from bench import runner
+    from inferpool.bench import runner
 
     assert runner.main(["--only", "no_such_benchmark"]) == 2
     assert runner.main(["--list"]) == 0
@@ -296,7 +296,7 @@ def test_runner_rejects_unknown_names_and_lists(capsys: pytest.CaptureFixture[st
 def test_a_failing_benchmark_is_reported_not_raised(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bench import runner
+    from inferpool.bench import runner
 
     broken = types.ModuleType("bench_broken")
 

@@ -65,14 +65,14 @@ async def test_gloo_broadcast_reaches_every_engine_with_its_version(gloo_pool: i
 
 async def test_the_group_is_reused_and_formed_again_after_scaling(gloo_pool: ip.Pool) -> None:
     await gloo_pool.update_weights(state_dict(2), version="g2")
-    sender = gloo_pool._sender
+    sender = gloo_pool._weights._sender
     await gloo_pool.update_weights(state_dict(3), version="g3")
-    assert gloo_pool._sender is sender  # same engines: no new rendezvous
+    assert gloo_pool._weights._sender is sender  # same engines: no new rendezvous
     gloo_pool.scale(3)
     try:
         sent = state_dict(4)
         out = await gloo_pool.update_weights(sent, version="g4")
-        assert gloo_pool._sender is not sender
+        assert gloo_pool._weights._sender is not sender
         assert len(out["engines"]) == 3
         for digest in (await engine_digests(gloo_pool)).values():  # the new engine got the weights too
             assert digest == pytest.approx(digests(sent))
@@ -247,7 +247,7 @@ class GroupReceiver:
     """Joins like an SGLang engine's init_weights_update_group, receives like update_weights_from_distributed."""
 
     def join(self, info: dict[str, Any]) -> None:
-        from inferpool.weight_sync import init_torch_group
+        from inferpool.weights.groups import init_torch_group
 
         self.group = init_torch_group(
             info["backend"], info["master_address"], info["master_port"], info["rank_offset"],
@@ -289,7 +289,8 @@ class ReceiverClient:
 
 
 def test_torch_group_trainer_broadcasts_to_a_receiver_in_another_process(ray_session: None) -> None:
-    from inferpool.weight_sync import TorchGroupTrainer, free_port
+    from inferpool.weights.groups import free_port
+    from inferpool.weights.trainer import TorchGroupTrainer
 
     client = ReceiverClient(GroupReceiver.remote())
     trainer = TorchGroupTrainer.trainer_init("gloo", "127.0.0.1", free_port(), 2, client, 60.0)

@@ -1,120 +1,44 @@
-"""Native weight transfer: the trainer broadcasts, every engine of the pool receives.
+"""The trainer side of a native weight transfer: the trainer broadcasts, every engine receives.
 
-The object-store path (``Pool.update_weights`` with ``weight_transfer.method =
-"object_store"``) needs nothing here. The native methods follow vLLM's four-phase
-weight-sync protocol — ``init_weight_transfer_engine`` once, then per update
-``start_weight_update`` / ``update_weights`` / ``finish_weight_update`` — driven from the
-trainer's process:
+The native methods follow vLLM's four-phase weight-sync protocol
+(``init_weight_transfer_engine`` once, then per update ``start_weight_update`` /
+``update_weights`` / ``finish_weight_update``) driven from the trainer's process:
 
-- :class:`PoolWeightSyncClient` is the inference side of that protocol for a whole
-  pool. It has the four methods of vLLM's ``VLLMWeightSyncClient`` (structurally), so
-  vLLM's own trainer engines (``nccl``, ``ipc``) drive every engine of the pool
-  through it; it gives each engine its own rank offset in the trainer's group,
-  pauses generation for the update (so every token's version is exact) and labels
-  the new weights with the update's version.
-- :class:`GlooTrainer` is the trainer side of the ``gloo`` method: the same protocol
-  over a CPU process group (torch's Gloo), for CPU engines and for testing the
-  whole path without a GPU.
-- :class:`TorchGroupTrainer` is the trainer side for SGLang engines (``nccl``): a
-  torch.distributed group the engines join with ``init_weights_update_group``, tensors
-  received with ``update_weights_from_distributed``.
-- :func:`open_gloo_group` / :func:`gloo_broadcast` are shared by the trainer and the
-  receiving sides (vLLM worker extension, fake engine).
+- :class:`PoolWeightSyncClient` is the inference side of that protocol for a whole pool,
+  seen from the trainer: vLLM's own trainer engines (``nccl``, ``ipc``) drive every engine
+  through it; it gives each engine its own rank offset, pauses generation for the update
+  (so every token's version is exact) and labels the weights with the update's version.
+- :class:`GlooTrainer`: the ``gloo`` method's trainer (a CPU process group).
+- :class:`TorchGroupTrainer`: the trainer for SGLang engines (``nccl`` through a
+  torch.distributed group and ``update_weights_from_distributed``).
+- :class:`NativeSender`: this process's end of a pool's group, formed once and reused.
+
+The engine side is :class:`inferpool.actors.weights.WeightReceiver`.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
-import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
-from inferpool._ray import get_ref
 from inferpool.errors import EngineError, RequestError
+from inferpool.ray_utils import get_ref
+from inferpool.weights.groups import (
+    GLOO_GROUP_PREFIX,
+    GlooInitInfo,
+    free_port,
+    gloo_broadcast,
+    init_torch_group,
+    node_address,
+    open_gloo_group,
+    tensor_meta,
+)
 
 logger = logging.getLogger(__name__)
-
-GLOO_GROUP_PREFIX = "inferpool-weights"
-
-
-# -- Gloo process groups ------------------------------------------------------------------
-def free_port() -> int:
-    """A TCP port free on this host right now (for the group's rendezvous store)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
-def node_address() -> str:
-    """This node's address as other Ray nodes reach it (127.0.0.1 outside Ray)."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return str(ray.util.get_node_ip_address())
-    except Exception:  # not in a Ray worker or driver
-        pass
-    return "127.0.0.1"
-
-
-def open_gloo_group(master_address: str, master_port: int, rank: int, world_size: int, timeout_s: float) -> Any:
-    """Join (rank 0: host) a Gloo process group without touching torch's default group."""
-    import torch.distributed as dist
-
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timeout=timeout)
-    return dist.ProcessGroupGloo(dist.PrefixStore(GLOO_GROUP_PREFIX, store), rank, world_size, timeout)
-
-
-def gloo_broadcast(group: Any, tensor: Any) -> None:
-    """Broadcast ``tensor`` in place from rank 0 over ``group`` (blocks until done)."""
-    import torch.distributed as dist
-
-    opts = dist.BroadcastOptions()
-    opts.rootRank = 0
-    group.broadcast([tensor], opts).wait()
-
-
-@dataclass
-class GlooInitInfo:
-    """Receiving side's init info for the ``gloo`` method (one rank per receiving worker)."""
-
-    master_address: str
-    master_port: int
-    rank_offset: int
-    world_size: int
-    timeout_s: float = 600.0
-
-
-@dataclass
-class TensorMeta:
-    """Per-update info: what the trainer broadcasts, in order."""
-
-    names: list[str]
-    dtype_names: list[str]
-    shapes: list[list[int]]
-
-
-def tensor_meta(named: list[tuple[str, Any]]) -> TensorMeta:
-    return TensorMeta(
-        names=[n for n, _ in named],
-        dtype_names=[str(t.dtype).removeprefix("torch.") for _, t in named],
-        shapes=[list(t.shape) for _, t in named],
-    )
-
-
-def receive_gloo(group: Any, meta: TensorMeta, device: Any = "cpu") -> Iterator[tuple[str, Any]]:
-    """Yield ``(name, tensor)`` as each broadcast of ``meta`` arrives (the receiving side)."""
-    import torch
-
-    for name, dtype_name, shape in zip(meta.names, meta.dtype_names, meta.shapes, strict=True):
-        tensor = torch.empty(shape, dtype=getattr(torch, dtype_name), device=device)
-        gloo_broadcast(group, tensor)
-        yield name, tensor
 
 
 def send_round(client: Any, named: list[tuple[str, Any]], broadcast: Callable[[Any], None]) -> None:
@@ -164,40 +88,6 @@ class GlooTrainer:
 
     def shutdown(self) -> None:
         self.group = None
-
-
-# -- the trainer side for SGLang engines (torch.distributed groups) ---------------------------
-def init_torch_group(
-    backend: str, master_address: str, master_port: int, rank: int, world_size: int, group_name: str, timeout_s: float
-) -> Any:
-    """A torch.distributed process group beside the default one, formed as SGLang's
-    ``init_weights_update_group`` forms the engines' side: a ``tcp://`` rendezvous and a store
-    prefixed with the group name. SGLang's own helper is used when it is installed."""
-    timeout = datetime.timedelta(seconds=timeout_s)
-    init_method = f"tcp://{master_address}:{master_port}"
-    try:
-        from sglang.srt.utils import init_custom_process_group
-    except ImportError:
-        pass
-    else:
-        return init_custom_process_group(
-            backend=backend,
-            init_method=init_method,
-            timeout=timeout,
-            world_size=world_size,
-            rank=rank,
-            group_name=group_name,
-        )
-    from torch.distributed import distributed_c10d as c10d
-
-    store, rank, world_size = next(c10d.rendezvous(init_method, rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
-    made = c10d._new_process_group_helper(
-        world_size, rank, [], backend, c10d.PrefixStore(group_name, store), group_name=group_name, timeout=timeout  # type: ignore[arg-type]
-    )
-    group = made[0] if isinstance(made, tuple) else made
-    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
-    return group
 
 
 class TorchGroupTrainer:
@@ -409,24 +299,3 @@ class SwapSource:
                 return iter(self.named)
 
         return _Source()
-
-
-def iter_named_tensors(weights: Any) -> Iterator[tuple[str, Any]]:
-    """A state dict or ``(name, tensor)`` pairs, checked one at a time (a generator stays lazy,
-    so a trainer gathering one tensor at a time never holds them all)."""
-    items: Iterable[Any] = weights.items() if hasattr(weights, "items") else weights
-    count = 0
-    for pair in items:
-        try:
-            name, tensor = pair
-        except (TypeError, ValueError):
-            raise RequestError("weights: expected a state dict or (name, tensor) pairs", field="weights") from None
-        count += 1
-        yield str(name), tensor
-    if not count:
-        raise RequestError("weights: no tensors given", field="weights")
-
-
-def as_named_tensors(weights: Any) -> list[tuple[str, Any]]:
-    """:func:`iter_named_tensors` as a list."""
-    return list(iter_named_tensors(weights))

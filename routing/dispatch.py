@@ -1,0 +1,448 @@
+"""The caller side of routing: one :class:`Dispatcher` per process and pool.
+
+``await dispatcher.generate(request)`` takes the request an engine takes and returns
+what the engine returns, so the code above it cannot tell a pool from one engine:
+
+    lease a slot (router) → call the engine actor → give the lease back
+
+with everything around it in this one place: the lease's lifetime (acquired and given
+back in :meth:`Dispatcher.lease`, a construct that cannot be skipped: cancellation,
+timeouts, engine death and router restarts all pass through its ``finally``), retry on
+another engine for retryable faults, ``n`` split into sub-requests and merged, abort
+tracking per session, and the batching of router calls (one acquire and one release
+call per event-loop turn for all concurrent requests). ``Pool``, the session stores
+and the HTTP ingress (through ``Pool``) all dispatch through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import ray
+
+from inferpool.config import PoolConfig
+from inferpool.errors import EngineDeadError, EngineError, InferpoolError, NoHealthyEngineError
+from inferpool.ray_utils import await_ref
+from inferpool.routing.batching import CallBatcher, LoopLocal
+from inferpool.routing.leases import Lease, LeaseAsk, LeaseReturn
+from inferpool.types import Choice, EngineInfo, GenerateRequest, GenerateResult, SamplingParams, Split
+from inferpool.validation import check_request
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CONTROL_TIMEOUT_S = 60.0
+_ROUTER_RESTART_S = 30.0  # how long callers wait for a restarted router
+_RELEASE_CONFIRM_S = 10.0  # how long a finished call waits to see its lease given back
+
+
+def split_n(n: int, cap: int) -> list[tuple[int, int]]:
+    """(choice offset, n) of each sub-request when ``n`` exceeds ``cap``."""
+    return [(off, min(cap, n - off)) for off in range(0, n, cap)]
+
+
+def merge_results(request_id: str, parts: Sequence[GenerateResult]) -> GenerateResult:
+    """Merge sub-request results (in offset order) into one with consecutive indices."""
+    choices = [c for part in parts for c in part.choices]
+    for i, c in enumerate(choices):
+        c.index = i
+    return GenerateResult(
+        request_id=request_id,
+        prompt_token_ids=parts[0].prompt_token_ids,
+        choices=choices,
+        engine_id=parts[0].engine_id,
+        engine_ids=[p.engine_id for p in parts],
+        elapsed_s=max(p.elapsed_s for p in parts),
+    )
+
+
+def aborted_result(request: GenerateRequest, engine_id: str) -> GenerateResult:
+    """What a request aborted before it reached an engine returns: no tokens, finish 'abort'."""
+    choices = [
+        Choice(index=request.choice_offset + i, token_ids=[], logprobs=[], finish_reason="abort")
+        for i in range(request.sampling.n)
+    ]
+    return GenerateResult(request.request_id, list(request.prompt_token_ids), choices, engine_id, [engine_id])
+
+
+async def gather_all(aws: Sequence[Awaitable[T]]) -> list[T]:
+    """All results in order; the first failure cancels the rest (and waits for them to unwind)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+@dataclasses.dataclass
+class Held:
+    """The leases of one ask while they are held; the holder sets ``ok`` when its call succeeded."""
+
+    ticket: str
+    leases: list[Lease] = dataclasses.field(default_factory=list)
+    ok: bool = False
+    attempts: int = 1
+
+    @property
+    def engine_id(self) -> str:
+        return self.leases[0].engine_id
+
+
+class Dispatcher:
+    """Routes requests of one process to a pool's engines (see the module docstring)."""
+
+    def __init__(self, router: Any, config: PoolConfig, infos: Sequence[EngineInfo] = ()) -> None:
+        self.router = router
+        self.config = config
+        self._handles: dict[str, Any] = {}
+        self._infos: dict[str, EngineInfo] = {i.engine_id: i for i in infos}
+        self._prefix = uuid.uuid4().hex[:8]
+        self._ids = itertools.count()
+        acquire_timeout = config.router.acquire_timeout_s + 10
+        self._acquirer: LoopLocal[CallBatcher] = LoopLocal(
+            lambda: CallBatcher(router.lease_batch.remote, acquire_timeout, "router acquire")
+        )
+        self._returner: LoopLocal[CallBatcher] = LoopLocal(
+            lambda: CallBatcher(router.return_batch.remote, CONTROL_TIMEOUT_S, "router release")
+        )
+        # session_id -> {request_id: engine_id, or None while routing}: what abort_session reaches
+        self._session_requests: dict[str, dict[str, str | None]] = defaultdict(dict)
+        self._aborted: set[str] = set()  # request ids aborted before they reached an engine
+
+    # -- the engines, as the router knows them ---------------------------------------------
+    async def refresh(self) -> None:
+        """Re-read the engine registry (handles and static facts) from the router."""
+        infos, handles = await asyncio.gather(
+            await_ref(self.router.engine_infos.remote(), CONTROL_TIMEOUT_S, "router"),
+            await_ref(self.router.engines.remote(), CONTROL_TIMEOUT_S, "router"),
+        )
+        self._infos = {i.engine_id: i for i in infos}
+        self._handles = dict(handles)
+
+    def set_infos(self, infos: Iterable[EngineInfo]) -> None:
+        """Replace what this process knows of the engines (after a start or scale)."""
+        self._infos = {i.engine_id: i for i in infos}
+
+    def known_infos(self) -> dict[str, EngineInfo]:
+        """The engines this process knows of, without asking the router."""
+        return dict(self._infos)
+
+    def known_handles(self) -> dict[str, Any]:
+        return dict(self._handles)
+
+    async def engine_infos(self) -> dict[str, EngineInfo]:
+        if not self._infos:
+            await self.refresh()
+        return self._infos
+
+    async def handles(self) -> dict[str, Any]:
+        """Every engine's actor handle, fresh from the router."""
+        await self.refresh()
+        return dict(self._handles)
+
+    async def handle(self, engine_id: str) -> Any:
+        handle = self._handles.get(engine_id)
+        if handle is None:
+            await self.refresh()
+            handle = self._handles.get(engine_id)
+            if handle is None:
+                raise EngineError(f"engine {engine_id} is not registered")
+        return handle
+
+    async def limits(self) -> tuple[int, int]:
+        """(vocabulary size, context length) every engine of the pool accepts."""
+        infos = await self.engine_infos()
+        if not infos:
+            return (1 << 62, 1 << 62)
+        return min(i.vocab_size for i in infos.values()), min(i.max_model_len for i in infos.values())
+
+    async def text_only(self) -> bool:
+        """Whether the pool's engines return text only (hosted APIs: no token ids)."""
+        infos = await self.engine_infos()
+        return bool(infos) and not all(i.supports_tokens for i in infos.values())
+
+    def timeout_for(self, engine_id: str) -> float:
+        """The request timeout of the engine's group."""
+        info = self._infos.get(engine_id)
+        groups = self.config.engines
+        if info is not None and 0 <= info.group < len(groups):
+            return groups[info.group].request_timeout_s
+        return max(g.request_timeout_s for g in groups)
+
+    def max_timeout(self) -> float:
+        return max(g.request_timeout_s for g in self.config.engines)
+
+    # -- requests --------------------------------------------------------------------------
+    def request_id(self) -> str:
+        return f"{self._prefix}-{next(self._ids)}"
+
+    def _ticket(self) -> str:
+        return f"{self._prefix}:t{next(self._ids)}"
+
+    async def check(self, request: GenerateRequest, where: str = "") -> None:
+        """Refuse what no engine of the pool can serve, before any engine sees it."""
+        vocab, ctx = await self.limits()
+        request.prompt_token_ids = check_request(request.prompt_token_ids, request.sampling, vocab, ctx, where)
+
+    async def submit(
+        self,
+        prompt_token_ids: Sequence[int],
+        sampling: SamplingParams,
+        split: Split = "train",
+        session_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> GenerateResult:
+        """Build, check and serve one request (what a chat or completion turn sends)."""
+        request = GenerateRequest(self.request_id(), list(prompt_token_ids), sampling, split, session_id)
+        await self.check(request)
+        return await self.generate(request, timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, ask: LeaseAsk) -> AsyncIterator[Held]:
+        """Hold the leases of ``ask`` for the body; they are given back on every way out.
+
+        The give-back is queued synchronously in ``finally`` (so a cancelled caller still
+        sends it) and names the ask's ticket, so it also covers a grant the caller never
+        saw. Unless the caller was cancelled, it waits (bounded) until the router confirmed
+        it, so capacity is exact when the call returns.
+        """
+        held = Held(ask.ticket)
+        cancelled = False
+        try:
+            held.leases = await self._acquire(ask)
+            yield held
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            done = self._returner.get().enqueue(LeaseReturn(ask.ticket, None, held.ok, held.attempts))
+            if not cancelled:
+                try:
+                    await asyncio.wait_for(asyncio.shield(done), _RELEASE_CONFIRM_S)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the router is gone or slow: it reaps expired leases itself
+                    logger.warning("lease release was not confirmed", exc_info=True)
+
+    async def _acquire(self, ask: LeaseAsk) -> list[Lease]:
+        """Lease slots: at once through the batcher, else a bounded wait in the router; if the
+        router actor died, wait (bounded) for Ray to restart it."""
+        deadline = time.monotonic() + _ROUTER_RESTART_S
+        delay = 0.05
+        while True:
+            try:
+                leases: list[Lease] = await self._acquirer.get().submit(ask)
+                if not leases:
+                    leases = await await_ref(
+                        self.router.lease_wait.remote(ask),
+                        self.config.router.acquire_timeout_s + 10,
+                        "router acquire",
+                    )
+                return leases
+            except EngineDeadError:
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning("router unavailable; retrying acquire in %.2fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _ask(self, request: GenerateRequest, exclude: Sequence[str] = (), count: int = 1) -> LeaseAsk:
+        return LeaseAsk(
+            ticket=self._ticket(),
+            split=request.split,
+            session_id=request.session_id,
+            prompt_token_ids=request.prompt_token_ids[: self.config.router.route_prefix_tokens],
+            exclude=tuple(exclude),
+            workload=request.workload,
+            count=count,
+        )
+
+    async def _on_engine(self, engine_id: str, call: Callable[[Any], ray.ObjectRef], timeout_s: float | None) -> Any:
+        handle = await self.handle(engine_id)
+        return await await_ref(call(handle), timeout_s or self.timeout_for(engine_id), f"engine {engine_id}")
+
+    def _report_failure(self, engine_id: str, exc: Exception) -> None:
+        self.router.report_failure.remote(engine_id, str(exc))
+
+    async def generate(self, request: GenerateRequest, timeout_s: float | None = None) -> GenerateResult:
+        """Serve one (checked) request: ``n`` above ``RouterConfig.max_n_per_request`` is split
+        into sub-requests, which may land on different engines, and merged with consecutive
+        choice indices."""
+        sp = request.sampling
+        parts = split_n(sp.n, self.config.router.max_n_per_request)
+        if len(parts) == 1:
+            return await self._tracked(request, timeout_s)
+        subs = [
+            dataclasses.replace(
+                request,
+                request_id=f"{request.request_id}.{k}",
+                sampling=sp.model_copy(update={"n": size}),
+                choice_offset=request.choice_offset + offset,
+            )
+            for k, (offset, size) in enumerate(parts)
+        ]
+        results = await gather_all([self._tracked(r, timeout_s) for r in subs])
+        return merge_results(request.request_id, results)
+
+    async def _tracked(self, request: GenerateRequest, timeout_s: float | None) -> GenerateResult:
+        """Attempts of one request, visible to abort_session while they run."""
+        if request.session_id is None:
+            return await self._attempts(request, timeout_s)
+        tracked = self._session_requests[request.session_id]
+        tracked[request.request_id] = None
+        try:
+            return await self._attempts(request, timeout_s)
+        finally:
+            tracked.pop(request.request_id, None)
+            self._aborted.discard(request.request_id)
+            if not tracked:
+                self._session_requests.pop(request.session_id, None)
+
+    async def _attempts(self, request: GenerateRequest, timeout_s: float | None) -> GenerateResult:
+        """route → generate → release, retried on another engine for retryable faults."""
+        exclude: list[str] = []
+        attempts = self.config.router.max_attempts
+        last_error: InferpoolError | None = None
+        for attempt in range(1, attempts + 1):
+            failed: InferpoolError | None = None
+            try:
+                async with self.lease(self._ask(request, exclude)) as held:
+                    held.attempts = attempt
+                    if request.request_id in self._aborted:  # aborted while it was being routed
+                        held.ok = True
+                        return aborted_result(request, held.engine_id)
+                    if request.session_id is not None:
+                        self._session_requests[request.session_id][request.request_id] = held.engine_id
+                    try:
+                        result: GenerateResult = await self._on_engine(
+                            held.engine_id, lambda h: h.generate.remote(request), timeout_s
+                        )
+                    except InferpoolError as exc:
+                        if not exc.retryable or attempt == attempts:
+                            raise
+                        failed = exc
+                    else:
+                        held.ok = True
+                        return result
+            except NoHealthyEngineError:
+                if last_error is not None:  # no engine left to retry on: surface the original
+                    raise last_error from None
+                raise
+            logger.warning(
+                "request %s failed on engine %s (attempt %d/%d): %s; retrying elsewhere",
+                *(request.request_id, held.engine_id, attempt, attempts, failed),
+            )
+            self._report_failure(held.engine_id, failed)
+            exclude.append(held.engine_id)
+            last_error = failed
+        raise AssertionError("unreachable")
+
+    async def generate_many(
+        self, requests: Sequence[GenerateRequest], chunk_size: int = 64, timeout_s: float | None = None
+    ) -> list[GenerateResult]:
+        """Serve many (checked) requests of one split with few actor calls, results in order.
+
+        Slots are leased in bulk and requests travel to each engine in chunks of up to
+        ``chunk_size``; a request whose engine failed is retried alone elsewhere.
+        """
+        if not requests:
+            return []
+        results: list[GenerateResult | None] = [None] * len(requests)
+        pending = list(range(len(requests)))[::-1]
+        tasks: list[asyncio.Task[None]] = []
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                while pending:
+                    ask = self._ask(requests[pending[-1]], count=len(pending))
+                    ask.session_id, ask.prompt_token_ids = None, None
+                    held = await stack.enter_async_context(self.lease(ask))
+                    by_engine: dict[str, list[Lease]] = defaultdict(list)
+                    for lease in held.leases:
+                        by_engine[lease.engine_id].append(lease)
+                    for engine_id, group in by_engine.items():
+                        for start in range(0, len(group), chunk_size):
+                            chunk = group[start : start + chunk_size]
+                            idx = [pending.pop() for _ in chunk]
+                            run = self._run_chunk(held, engine_id, chunk, idx, requests, results, timeout_s)
+                            tasks.append(asyncio.ensure_future(run))
+                await gather_all(tasks)
+            except BaseException:  # stop the engine calls before their leases are given back
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+        return [r for r in results if r is not None]
+
+    async def _run_chunk(
+        self,
+        held: Held,
+        engine_id: str,
+        leases: list[Lease],
+        idx: list[int],
+        requests: Sequence[GenerateRequest],
+        results: list[GenerateResult | None],
+        timeout_s: float | None,
+    ) -> None:
+        ok = False
+        try:
+            outs: list[Any] = await self._on_engine(
+                engine_id, lambda h: h.generate_batch.remote([requests[i] for i in idx]), timeout_s
+            )
+            ok = True
+        except InferpoolError as exc:
+            if not exc.retryable:
+                raise
+            self._report_failure(engine_id, exc)
+            outs = [exc] * len(idx)
+        finally:  # these slots are free now; the batch's ticket is closed when the batch ends
+            self._returner.get().enqueue(LeaseReturn(held.ticket, tuple(le.lease_id for le in leases), ok))
+        retry = []
+        for i, out in zip(idx, outs, strict=True):
+            if isinstance(out, GenerateResult):
+                results[i] = out
+            elif isinstance(out, InferpoolError) and out.retryable:
+                retry.append(i)
+            else:
+                raise out
+        if retry:
+            redone = await gather_all([self._tracked(requests[i], timeout_s) for i in retry])
+            for i, out in zip(retry, redone, strict=True):
+                results[i] = out
+
+    async def call(self, split: Split, call: Callable[[Any], ray.ObjectRef], timeout_s: float | None = None) -> Any:
+        """One leased engine call other than generate (text-level calls, prompt scoring)."""
+        async with self.lease(LeaseAsk(self._ticket(), split)) as held:
+            out = await self._on_engine(held.engine_id, call, timeout_s)
+            held.ok = True
+            return out
+
+    # -- aborts ----------------------------------------------------------------------------
+    def runs_session(self, session_id: str) -> bool:
+        """Whether this process has requests of ``session_id`` in flight."""
+        return session_id in self._session_requests
+
+    async def abort_session(self, session_id: str) -> int:
+        """Abort the requests of ``session_id`` this process has in flight; returns how many."""
+        tracked = dict(self._session_requests.get(session_id, {}))
+        count = 0
+        for request_id, engine_id in tracked.items():
+            if engine_id is None:
+                self._aborted.add(request_id)
+                count += 1
+                continue
+            handle = await self.handle(engine_id)
+            if await await_ref(handle.abort.remote(request_id), CONTROL_TIMEOUT_S, f"engine {engine_id} abort"):
+                count += 1
+        return count

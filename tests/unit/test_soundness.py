@@ -1,0 +1,243 @@
+"""The request path keeps its promises on every path: no lease is ever lost (cancelled
+before, during or after the router call, in the batcher, on the engine, timed out), a
+session handle stays usable whatever its first call did, the staleness bound is checked
+under the session's lock, and bad input is refused before an engine sees it.
+
+Run: pytest tests/unit/test_soundness.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from waiting import wait_in_flight
+
+import inferpool as ip
+
+CAPACITY = 8  # one engine, 8 train slots: a handful of leaked leases starves it
+
+
+@pytest.fixture(scope="module")
+def tight_pool(ray_session: None, tiny_tokenizer_path: str) -> Iterator[ip.Pool]:
+    """One fake engine with little capacity and a few ms per token, so calls are in flight
+    when they are cancelled, and a lost lease shows at once."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_path)
+    pool = ip.Pool.start(
+        ip.PoolConfig(
+            name="unit-soundness",
+            engines=[
+                ip.EngineConfig(
+                    backend="fake",
+                    tokenizer=tiny_tokenizer_path,
+                    engine_kwargs={
+                        "vocab_size": len(tok),
+                        "eos_token_id": tok.eos_token_id,
+                        "decode_latency_per_token_s": 0.002,
+                        "max_model_len": 1024,
+                    },
+                )
+            ],
+            router=ip.RouterConfig(
+                max_requests_per_engine=CAPACITY, eval_requests_per_engine=0, acquire_timeout_s=5.0, max_staleness=0
+            ),
+            sessions=ip.SessionConfig(shards=1),
+        )
+    )
+    yield pool
+    pool.shutdown()
+
+
+async def router_in_flight(pool: ip.Pool) -> int:
+    """Leases the router holds plus the slots it counts as taken (both must reach 0)."""
+    leases = await pool.router.num_leases.remote()
+    load = await pool.router.load.remote()
+    return int(leases) + sum(e["train_in_flight"] + e["eval_in_flight"] for e in load.values())
+
+
+async def settle(pool: ip.Pool, deadline_s: float = 10.0) -> None:
+    """Wait (bounded) until nothing is leased or in flight; fail with what is left."""
+    end = time.monotonic() + deadline_s
+    left = -1
+    while time.monotonic() < end:
+        left = await router_in_flight(pool)
+        if left == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{left} leases still held {deadline_s}s after every call ended")
+
+
+async def served_at_once(pool: ip.Pool) -> None:
+    """The next request gets a slot without waiting for any reaper."""
+    res = await asyncio.wait_for(pool.generate([5, 6, 7], ip.SamplingParams(max_tokens=2)), 5.0)
+    assert res.choices[0].token_ids
+
+
+async def cancel_after(coro: Any, delay_s: float) -> None:
+    task = asyncio.ensure_future(coro)
+    await asyncio.sleep(delay_s)
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, ip.InferpoolError):
+        pass
+
+
+# -- leases -------------------------------------------------------------------------------------
+async def test_generate_cancelled_1ms_in_leaks_nothing(tight_pool: ip.Pool) -> None:
+    sp = ip.SamplingParams(max_tokens=8)
+    await asyncio.gather(*(cancel_after(tight_pool.generate([1, 2, 3], sp), 0.001) for _ in range(10)))
+    await settle(tight_pool)
+    await served_at_once(tight_pool)
+
+
+async def test_generate_batch_cancelled_2ms_in_leaks_nothing(tight_pool: ip.Pool) -> None:
+    prompts = [[i + 1, i + 2] for i in range(40)]  # more prompts than slots: some wait in the router
+    await cancel_after(tight_pool.generate_batch(prompts, ip.SamplingParams(max_tokens=8)), 0.002)
+    await settle(tight_pool)
+    await served_at_once(tight_pool)
+
+
+async def test_wait_for_timeouts_leak_nothing(tight_pool: ip.Pool) -> None:
+    for _ in range(20):
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(tight_pool.generate([3, 4], ip.SamplingParams(max_tokens=16)), 0.003)
+    await settle(tight_pool)
+    await served_at_once(tight_pool)
+
+
+async def test_session_chat_cut_by_wait_for_leaks_nothing(tight_pool: ip.Pool) -> None:
+    s = tight_pool.session()
+    for _ in range(10):
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(s.chat([{"role": "user", "content": "hi"}], max_tokens=32), 0.005)
+    await settle(tight_pool)
+    await served_at_once(tight_pool)
+
+
+async def test_thousands_of_random_cancellations_leave_the_pool_idle_and_serving(tight_pool: ip.Pool) -> None:
+    """Generate, generate_batch and session chat calls, cancelled at random moments (before,
+    during and after the router call, in the batcher, on the engine): afterwards the router
+    holds nothing and the pool serves at once."""
+    rng = random.Random(1234)
+    sessions = [tight_pool.session() for _ in range(8)]
+    sp = ip.SamplingParams(max_tokens=4)
+
+    def call() -> Any:
+        kind = rng.random()
+        if kind < 0.6:
+            return tight_pool.generate([rng.randrange(1, 200) for _ in range(4)], sp)
+        if kind < 0.8:
+            return tight_pool.generate_batch([[rng.randrange(1, 200)] for _ in range(rng.randrange(1, 12))], sp)
+        return rng.choice(sessions).chat([{"role": "user", "content": "q"}], max_tokens=4)
+
+    total = 0
+    for _wave in range(20):
+        calls = [cancel_after(call(), rng.uniform(0.0, 0.012)) for _ in range(100)]
+        await asyncio.gather(*calls)
+        total += len(calls)
+    assert total == 2000
+    await settle(tight_pool)
+    stats = await tight_pool.engine_handle(tight_pool.engine_ids()[0]).stats.remote()
+    assert stats.in_flight == 0
+    await served_at_once(tight_pool)
+    counts = await tight_pool.router.lease_counts.remote()
+    assert counts["leases"] == 0 and counts["tickets"] == 0
+
+
+# -- sessions -----------------------------------------------------------------------------------
+async def test_a_session_handle_whose_first_call_failed_stays_usable(tight_pool: ip.Pool) -> None:
+    s = tight_pool.session()  # no context manager
+    with pytest.raises(ip.RequestError):
+        await s.chat([{"role": "nobody", "content": "x"}], max_tokens=2)
+    assert (await s.state()).nodes == []
+    await s.reset()
+    out = await s.chat([{"role": "user", "content": "again"}], max_tokens=2)
+    assert out.choices[0].token_ids
+    assert len((await s.state()).nodes) == 1
+    await s.close()
+
+
+async def test_concurrent_first_calls_create_one_session(tight_pool: ip.Pool) -> None:
+    s = tight_pool.session()
+    first, second = await asyncio.gather(s.state(), s.state())
+    assert first.session_id == second.session_id == s.session_id
+    s2 = tight_pool.session()
+    chat = asyncio.ensure_future(s2.chat([{"role": "user", "content": "hi"}], max_tokens=8))
+    ref = s2.state_ref()  # during the first chat, before anything was created
+    state = await ref
+    assert state.session_id == s2.session_id
+    await chat
+    assert len((await s2.state()).nodes) == 1
+
+
+async def test_staleness_is_checked_under_the_session_lock(tight_pool: ip.Pool) -> None:
+    """A turn queued behind another while the weights change is checked against the versions
+    it will extend when it runs (max_staleness=0: one update is already too old)."""
+    s = tight_pool.session(track_tree=True)
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": "first"}]
+    out = await s.chat(msgs, max_tokens=2)
+    base = [*msgs, out.choices[0].message.model_dump(exclude_none=True)]
+    long_turn = asyncio.ensure_future(s.chat([*base, {"role": "user", "content": "long"}], max_tokens=200))
+    await wait_in_flight(tight_pool, 1)
+    queued = asyncio.ensure_future(s.chat([*base, {"role": "user", "content": "queued"}], max_tokens=2))
+    store = tight_pool.session_store(s.session_id)
+    end = time.monotonic() + 10
+    while time.monotonic() < end:  # until the second turn waits for the session's lock
+        rows = [r for r in await store.list_sessions.remote() if r["session_id"] == s.session_id]
+        if rows and rows[0]["busy"] == 2:
+            break
+        await asyncio.sleep(0.005)
+    rng = np.random.default_rng(0)
+    await tight_pool.update_weights({"w": rng.standard_normal((4, 4)).astype(np.float32)}, version="lock-v1")
+    await long_turn  # checked before the update: accepted
+    with pytest.raises(ip.StaleSessionError, match="max_staleness"):
+        await queued
+    await s.close()
+
+
+# -- bad input ----------------------------------------------------------------------------------
+async def test_stop_token_ids_outside_the_vocabulary_never_reach_an_engine(tight_pool: ip.Pool) -> None:
+    handle = tight_pool.engine_handle(tight_pool.engine_ids()[0])
+    before = (await handle.stats.remote()).served + (await handle.stats.remote()).failed
+    with pytest.raises(ip.RequestError) as err:
+        await tight_pool.generate([1, 2], ip.SamplingParams(max_tokens=2, stop_token_ids=[10**7]))
+    assert err.value.field == "sampling.stop_token_ids"
+    after = (await handle.stats.remote()).served + (await handle.stats.remote()).failed
+    assert after == before
+
+
+async def test_generate_batch_names_the_bad_prompt(tight_pool: ip.Pool) -> None:
+    prompts: list[Any] = [[1], [2], [3], [10**7], [5]]
+    with pytest.raises(ip.RequestError, match=r"prompts\[3\]\.prompt_token_ids") as err:
+        await tight_pool.generate_batch(prompts, ip.SamplingParams(max_tokens=1))
+    assert err.value.field == "prompts[3].prompt_token_ids"
+    await settle(tight_pool)
+
+
+def test_a_model_that_is_nowhere_is_a_config_error_naming_the_field(
+    ray_session: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ip.ConfigError, match=r"engines\[0\]\.model"):
+        ip.Pool.start(ip.PoolConfig(name="nowhere", engines=[ip.EngineConfig(backend="vllm", model="no/such-model")]))
+
+
+async def test_chat_on_a_fake_pool_named_after_no_model_fails_fast(ray_session: None) -> None:
+    pool = ip.Pool.start(
+        ip.PoolConfig(name="unit-fake-model", engines=[ip.EngineConfig(backend="fake", model="fake")])
+    )
+    try:
+        async with pool.session() as s:  # a ConfigError, not a BackendError after hub download retries
+            with pytest.raises(ip.ConfigError, match=r"EngineConfig\.model") as err:
+                await s.chat([{"role": "user", "content": "hi"}], max_tokens=2)
+        assert err.value.field == "model"
+    finally:
+        pool.shutdown()
