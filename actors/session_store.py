@@ -1,10 +1,11 @@
 """SessionStore actors: the managed sessions, sharded over a few actors by session id.
 
-A store owns its sessions' token-exact state and runs their turns (render → route →
-generate → record: :mod:`inferpool.turns` over the store's own
+A store owns its sessions' token-exact history (one
+:class:`~inferpool.session_tree.SessionTree` each) and runs their turns (render →
+dispatch → record: :mod:`inferpool.turns` over the store's own
 :class:`~inferpool.routing.dispatch.Dispatcher`), so HTTP ingress replicas and rollout
 workers hold no state. Requests to one session are serialized by a per-session lock; a
-turn's new nodes are committed only after it succeeded. Idle sessions expire after the
+turn's segments are recorded only after it succeeded. Idle sessions expire after the
 TTL. Every call that may create a session does so idempotently (a session id names one
 session however many calls race to create it).
 """
@@ -17,11 +18,12 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ray
 
-from inferpool.chat import ChatRenderer, load_renderer, message_key, validate_messages
+from inferpool.chat import ChatRenderer, load_renderer, validate_messages
 from inferpool.config import PoolConfig
 from inferpool.errors import SessionError, SessionExpiredError, SessionNotFoundError, StaleSessionError
 from inferpool.log import setup_logging
@@ -29,9 +31,11 @@ from inferpool.metrics import MetricsRegistry
 from inferpool.openai_types import ChatCompletion, Completion
 from inferpool.ray_utils import await_ref
 from inferpool.reasoning import ReasoningConfig
+from inferpool.replies import template_kwargs_for
 from inferpool.routing.dispatch import CONTROL_TIMEOUT_S, Dispatcher
-from inferpool.sequences import SequenceNode, SessionOptions, SessionState, commit, longest_message_prefix
-from inferpool.turns import chat_turn, completion_turn, placeholder_chat_turn, template_kwargs_for
+from inferpool.sequences import SessionOptions, SessionState
+from inferpool.session_tree import Segment, SessionTree
+from inferpool.turns import Stale, Turn, chat_turn, completion_turn, placeholder_chat_turn, render_key
 from inferpool.types import Split
 
 logger = logging.getLogger(__name__)
@@ -41,7 +45,7 @@ _EXPIRED_MEMORY = 100_000
 
 @dataclasses.dataclass
 class _Entry:
-    state: SessionState
+    tree: SessionTree
     options: SessionOptions
     lock: asyncio.Lock
     last_used: float
@@ -62,6 +66,8 @@ class SessionStore:
         self._renderer: ChatRenderer | None = None
         self._reaper: asyncio.Task[None] | None = None
         self.expired_total = 0
+        self.ambiguous_total = 0  # turns whose parent the earliest-recorded rule chose
+        self.rerendered_total = 0  # turns rendered fresh instead of extending their sequence
         self.metrics = MetricsRegistry()
 
     async def start(self) -> None:
@@ -85,7 +91,7 @@ class SessionStore:
         if create is None:
             raise SessionNotFoundError(f"no session {session_id}")
         entry = _Entry(
-            state=SessionState(session_id=session_id, nodes=[], track_tree=create.track_tree),
+            tree=SessionTree(session_id, track_tree=create.track_tree),
             options=create,
             lock=asyncio.Lock(),
             last_used=time.monotonic(),
@@ -123,41 +129,35 @@ class SessionStore:
             self._expired.popitem(last=False)
         return len(gone)
 
-    async def _run(self, session_id: str, create: SessionOptions | None, turn: Any) -> Any:
-        """Run ``turn(entry) -> (response, parent, children)`` under the session's lock and
-        commit the new nodes only after it succeeded, so a failed turn changes nothing."""
+    async def _run(
+        self, session_id: str, create: SessionOptions | None, turn: Callable[[_Entry], Awaitable[Turn]]
+    ) -> Any:
+        """Run ``turn(entry)`` under the session's lock and record its segments only after it
+        succeeded, so a failed turn changes nothing."""
         entry = self._get(session_id, create)
         entry.busy += 1
         try:
             async with entry.lock:  # one turn at a time per session
                 entry.last_used = time.monotonic()
-                response, parent, children = await turn(entry)
-                commit(entry.state, parent, children)
-                return response
+                done = await turn(entry)
+                entry.tree.record(done.segments)
+                if done.ambiguous:
+                    self.ambiguous_total += 1
+                    entry.tree.ambiguous_turns += 1
+                if done.rerendered:
+                    self.rerendered_total += 1
+                    entry.tree.rerendered_turns += 1
+                return done.response
         finally:
             entry.busy -= 1
             entry.last_used = time.monotonic()
 
     # -- placeholder mode (text-only engines) -----------------------------------------
-    async def _text_only(self) -> bool:
-        return await self.dispatcher.text_only()
-
     def _placeholders_allowed(self) -> bool:
         env = os.environ.get("INFERPOOL_ALLOW_PLACEHOLDER_TOKENS", "").strip().lower()
         return self.config.sessions.allow_placeholder_tokens or env in ("1", "true", "yes")
 
-    async def _placeholder_chat(
-        self,
-        session_id: str,
-        create: SessionOptions | None,
-        messages: Any,
-        n: int,
-        sampling: dict[str, Any] | None,
-        tools: list[dict[str, Any]] | None,
-        tool_choice: Any,
-        reasoning: ReasoningConfig | None,
-        split: Split,
-    ) -> ChatCompletion:
+    def _check_placeholders(self) -> None:
         if not self._placeholders_allowed():
             raise SessionError(
                 "sessions need token ids, but this pool's engines only return text (a hosted/OpenAI-style "
@@ -166,24 +166,8 @@ class SessionStore:
                 "with SessionConfig.allow_placeholder_tokens=True or INFERPOOL_ALLOW_PLACEHOLDER_TOKENS=1"
             )
 
-        async def turn(entry: _Entry) -> Any:
-            return await placeholder_chat_turn(
-                self.dispatcher,
-                messages,
-                n=n,
-                sampling=sampling,
-                tools=tools,
-                tool_choice=tool_choice,
-                reasoning=reasoning,
-                state=entry.state,
-                split=split,
-            )
-
-        result: ChatCompletion = await self._run(session_id, create, turn)
-        return result
-
     # -- staleness --------------------------------------------------------------------
-    async def _stale_check(self) -> Any:
+    async def _stale_check(self, tree: SessionTree) -> Stale | None:
         """A check for RouterConfig.max_staleness: raises (reject) or returns True (requeue).
         Called under the session's lock, so a turn is checked against the weight versions it
         will extend when it runs, not those it saw when it queued."""
@@ -194,8 +178,8 @@ class SessionStore:
         current = max(versions.values(), default=0)
         policy = self.config.router.staleness_policy
 
-        def stale(node: SequenceNode) -> bool:
-            sampled = [v for v, t in zip(node.weight_versions, node.trainable, strict=True) if t]
+        def stale(seg: Segment) -> bool:
+            sampled = tree.sampled_versions(seg)
             if not sampled:
                 return False
             oldest = min(versions.get(str(v), 0) for v in sampled)
@@ -203,10 +187,10 @@ class SessionStore:
                 return False
             if policy == "reject":
                 raise StaleSessionError(
-                    f"session {node.node_id}: its earliest sampled tokens are {current - oldest} weight "
-                    f"updates old, more than RouterConfig.max_staleness={bound}"
+                    f"session {tree.session_id}, node {seg.node_id}: its earliest sampled tokens are "
+                    f"{current - oldest} weight updates old, more than RouterConfig.max_staleness={bound}"
                 )
-            logger.info("session node %s is stale (%d updates): requeued", node.node_id, current - oldest)
+            logger.info("session node %s is stale (%d updates): requeued", seg.node_id, current - oldest)
             return True
 
         return stale
@@ -224,14 +208,30 @@ class SessionStore:
         reasoning: ReasoningConfig | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         split: Split = "train",
+        extends: str | None = None,
+        continue_final: bool = False,
     ) -> ChatCompletion:
-        if await self._text_only():
-            return await self._placeholder_chat(
-                session_id, create, messages, n, sampling, tools, tool_choice, reasoning, split
-            )
+        if await self.dispatcher.text_only():
+            self._check_placeholders()
+
+            async def placeholder(entry: _Entry) -> Turn:
+                return await placeholder_chat_turn(
+                    self.dispatcher,
+                    messages,
+                    n=n,
+                    sampling=sampling,
+                    tools=tools,
+                    tool_choice=tool_choice,
+                    reasoning=reasoning,
+                    tree=entry.tree,
+                    split=split,
+                )
+
+            out: ChatCompletion = await self._run(session_id, create, placeholder)
+            return out
         renderer = await self._renderer_ready()
 
-        async def turn(entry: _Entry) -> Any:
+        async def turn(entry: _Entry) -> Turn:
             return await chat_turn(
                 self.dispatcher,
                 renderer,
@@ -243,10 +243,12 @@ class SessionStore:
                 tool_parser=entry.options.tool_parser,
                 reasoning=reasoning,
                 chat_template_kwargs=chat_template_kwargs,
-                state=entry.state,
+                tree=entry.tree,
                 split=split,
                 model_name=self.config.model_name(),
-                stale=await self._stale_check(),
+                stale=await self._stale_check(entry.tree),
+                extends=extends,
+                continue_final=continue_final,
             )
 
         result: ChatCompletion = await self._run(session_id, create, turn)
@@ -260,20 +262,22 @@ class SessionStore:
         n: int = 1,
         sampling: dict[str, Any] | None = None,
         split: Split = "train",
+        extends: str | None = None,
     ) -> Completion:
         renderer = await self._renderer_ready()
 
-        async def turn(entry: _Entry) -> Any:
+        async def turn(entry: _Entry) -> Turn:
             return await completion_turn(
                 self.dispatcher,
                 renderer,
                 prompt,
                 n=n,
                 sampling=sampling,
-                state=entry.state,
+                tree=entry.tree,
                 split=split,
                 model_name=self.config.model_name(),
-                stale=await self._stale_check(),
+                stale=await self._stale_check(entry.tree),
+                extends=extends,
             )
 
         result: Completion = await self._run(session_id, create, turn)
@@ -287,20 +291,31 @@ class SessionStore:
         reasoning: ReasoningConfig | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         create: SessionOptions | None = None,
+        extends: str | None = None,
+        continue_final: bool = False,
     ) -> dict[str, Any]:
         """The prompt text and token ids a chat call would send now, without generating."""
         renderer = await self._renderer_ready()
         entry = self._get(session_id, create)
         msgs = validate_messages(messages)
         kwargs = template_kwargs_for(reasoning, chat_template_kwargs)
-        parent, stored = longest_message_prefix(entry.state.nodes, [message_key(m) for m in msgs])
-        if parent is None:
-            text, ids = renderer.render(msgs, tools=tools, template_kwargs=kwargs)
+        match = entry.tree.match_chat(msgs, extends)
+        parent = match.parent
+        if parent is None or parent.render_key != render_key(tools, kwargs):
+            text, ids = renderer.render(msgs, tools=tools, template_kwargs=kwargs, continue_final=continue_final)
             return {"prompt_text": text, "prompt_token_ids": ids, "extends": None}
-        suffix = renderer.suffix(msgs, stored, parent.ended_with_eos, tools=tools, template_kwargs=kwargs)
+        node = entry.tree.node(parent)
+        if match.stored == len(msgs) and continue_final:
+            cut = 1 if parent.ended_with_eos else 0
+            text = node.full_text.removesuffix(renderer.eos_text) if cut else node.full_text
+            return {"prompt_text": text, "prompt_token_ids": node.tokens[: len(node) - cut], "extends": parent.node_id}
+        suffix = renderer.suffix(
+            msgs, match.stored, parent.ended_with_eos, tools=tools, template_kwargs=kwargs,
+            continue_final=continue_final,
+        )  # fmt: skip
         return {
-            "prompt_text": parent.full_text + suffix,
-            "prompt_token_ids": parent.tokens + renderer.encode(suffix),
+            "prompt_text": node.full_text + suffix,
+            "prompt_token_ids": node.tokens + renderer.encode(suffix),
             "extends": parent.node_id,
         }
 
@@ -316,13 +331,12 @@ class SessionStore:
     async def get_state(self, session_id: str, create: SessionOptions | None = None) -> SessionState:
         entry = self._get(session_id, create)
         entry.last_used = time.monotonic()
-        return entry.state
+        return entry.tree.state()
 
     async def reset(self, session_id: str, create: SessionOptions | None = None) -> None:
         entry = self._get(session_id, create)
         async with entry.lock:
-            entry.state.nodes = []
-            entry.state.turns = 0
+            entry.tree.reset()
 
     async def close(self, session_id: str) -> bool:
         closed = self._sessions.pop(session_id, None) is not None
@@ -337,18 +351,28 @@ class SessionStore:
         return [
             {
                 "session_id": sid,
-                "nodes": len(e.state.nodes),
-                "turns": e.state.turns,
+                "nodes": len(e.tree.visible()),
+                "turns": e.tree.turns,
                 "idle_s": round(now - e.last_used, 3),
                 "busy": e.busy,  # turns running or waiting for the session's lock
-                "track_tree": e.state.track_tree,
+                "track_tree": e.tree.track_tree,
+                "ambiguous_turns": e.tree.ambiguous_turns,
+                "rerendered_turns": e.tree.rerendered_turns,
                 "shard": self.shard,
             }
             for sid, e in self._sessions.items()
         ]
 
     def counts(self) -> dict[str, int]:
-        return {"open": len(self._sessions), "expired": self.expired_total}
+        """Open and expired sessions, and the turns that did not extend their sequence as sent:
+        ``ambiguous_turns`` (parent chosen by the earliest-recorded rule) and ``rerendered_turns``
+        (rendered fresh: render options changed, or requeued as stale)."""
+        return {
+            "open": len(self._sessions),
+            "expired": self.expired_total,
+            "ambiguous_turns": self.ambiguous_total,
+            "rerendered_turns": self.rerendered_total,
+        }
 
     async def shutdown(self) -> None:
         if self._reaper is not None:

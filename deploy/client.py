@@ -20,39 +20,13 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
-import numpy as np
 
 from inferpool.errors import EngineDeadError, EngineTimeoutError
 from inferpool.openai_types import ChatCompletion, Completion
 from inferpool.reasoning import ReasoningConfig
-from inferpool.sequences import MASK, SequenceNode, SessionState
+from inferpool.sequences import SessionState, state_from_dict
 
 from .errors import error_from_response
-
-
-def state_from_dict(data: dict[str, Any]) -> SessionState:
-    """A SessionState from ``GET /sessions/{id}/nodes`` JSON (token ids, masks, logprobs, metadata)."""
-    nodes = []
-    for n in data.get("nodes", []):
-        tokens = np.asarray(n["tokens"], dtype=np.int64)
-        masked = np.asarray(n["masked_tokens"], dtype=np.int64)
-        metadata = dict(n.get("metadata") or {})
-        versions = list(metadata.pop("weight_versions", [None] * len(tokens)))
-        nodes.append(
-            SequenceNode(
-                node_id=n["node_id"],
-                token_array=tokens,
-                trainable=masked != MASK,
-                logprob_array=np.asarray(n["logprobs"], dtype=np.float64),
-                full_text=n.get("full_text", ""),
-                weight_versions=versions,
-                metadata=metadata,
-                parent_id=n.get("parent_id"),
-            )
-        )
-    return SessionState(
-        session_id=data["session_id"], nodes=nodes, track_tree=bool(data.get("track_tree")), turns=data.get("turns", 0)
-    )
 
 
 def _body(
@@ -231,12 +205,14 @@ class RemoteSession:
         reasoning: ReasoningConfig | dict[str, Any] | None = None,
         skip_reasoning: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        extends: str | None = None,
+        continue_final_message: bool = False,
     ) -> dict[str, Any]:
         """The prompt text and token ids a chat call would send now (nothing generated)."""
         sid = await self._ensure_created()
         options = _body(
-            1, {}, tools=tools, reasoning=reasoning, skip_reasoning=skip_reasoning,
-            chat_template_kwargs=chat_template_kwargs,
+            1, {"extends": extends, "continue_final_message": continue_final_message or None}, tools=tools,
+            reasoning=reasoning, skip_reasoning=skip_reasoning, chat_template_kwargs=chat_template_kwargs,
         )
         options.pop("n")
         body = {"messages": messages, **options}

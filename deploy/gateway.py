@@ -35,6 +35,11 @@ _CONTROL_TIMEOUT_S = 30.0
 _SESSION_ID = re.compile(SESSION_ID_PATTERN)
 
 
+def _stateless(extends: str | None) -> None:
+    if extends is not None:
+        raise RequestError("extends: only session routes extend a recorded sequence", field="extends")
+
+
 class PoolGateway:
     """One pool, addressed by name (connected on first use) or given directly."""
 
@@ -147,12 +152,14 @@ class PoolGateway:
             reasoning=req.reasoning_config(),
             skip_reasoning=req.skip_reasoning,
             chat_template_kwargs=req.chat_template_kwargs,
+            continue_final_message=req.continue_final_message,
             split=req.split,
             **req.sampling(),
         )
         if session_id is None:
+            _stateless(req.extends)
             return await pool.chat(req.message_dicts(), req.n, **kwargs)
-        return await self._session(pool, session_id).chat(req.message_dicts(), req.n, **kwargs)
+        return await self._session(pool, session_id).chat(req.message_dicts(), req.n, extends=req.extends, **kwargs)
 
     async def complete(self, req: CompletionRequest, session_id: str | None = None) -> Completion:
         """A text completion: stateless, or one turn of a managed session."""
@@ -160,8 +167,9 @@ class PoolGateway:
         await self._check_budget(pool, req.budget())
         kwargs: dict[str, Any] = dict(split=req.split, skip_reasoning=req.skip_reasoning, **req.sampling())
         if session_id is None:
+            _stateless(req.extends)
             return await pool.complete(req.prompt, req.n, **kwargs)
-        return await self._session(pool, session_id).complete(req.prompt, req.n, **kwargs)
+        return await self._session(pool, session_id).complete(req.prompt, req.n, extends=req.extends, **kwargs)
 
     # -- sessions ----------------------------------------------------------------------------
     @staticmethod
@@ -201,6 +209,8 @@ class PoolGateway:
             reasoning=req.reasoning_config(),
             skip_reasoning=req.skip_reasoning,
             chat_template_kwargs=req.chat_template_kwargs,
+            extends=req.extends,
+            continue_final_message=req.continue_final_message,
         )
 
     async def nodes(self, session_id: str) -> dict[str, Any]:

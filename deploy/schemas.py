@@ -186,6 +186,17 @@ class _ChatFields(_Closed):
     reasoning: ReasoningConfig | None = Field(None, description="Reasoning settings (enabled, effort, max_tokens).")
     reasoning_effort: Effort | None = Field(None, description="OpenAI shorthand for reasoning={'effort': ...}.")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extra chat-template variables.")
+    continue_final_message: bool = Field(
+        False,
+        description="When the last message is the assistant's: continue it (True) instead of starting a new "
+        "assistant turn after it (False, the default, as vLLM's chat API).",
+    )
+    extends: str | None = Field(
+        None,
+        max_length=128,
+        description="Session routes: the node_id of the recorded sequence this turn extends (the node_id in a "
+        "returned assistant message, sent back with it, says the same).",
+    )
 
     def message_dicts(self) -> list[dict[str, Any]]:
         return [m.model_dump(exclude_none=True) for m in self.messages]
@@ -238,6 +249,9 @@ class CompletionRequest(_Sampling):
 
     prompt: str = Field(min_length=1, description="The prompt text (one prompt per request).")
     logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives per sampled position.")
+    extends: str | None = Field(
+        None, max_length=128, description="Session routes: the node_id of the recorded completion this turn extends."
+    )
 
     def sampling(self) -> dict[str, Any]:
         out = super().sampling()

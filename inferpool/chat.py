@@ -18,7 +18,6 @@ A conversation that ends with an assistant message gets a new assistant turn aft
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import uuid
@@ -74,29 +73,6 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
         clean["content"] = content
         out.append(clean)
     return out
-
-
-def message_key(msg: Mapping[str, Any]) -> str:
-    """What identifies a message for prefix matching: role, content, tool calls, tool ids.
-
-    Extra keys a client echoes back (``reasoning_content``, ``refusal``, ...) are ignored;
-    tool calls compare by function name and arguments (and id when both sides have one).
-    """
-    calls = []
-    for call in msg.get("tool_calls") or ():
-        fn = call.get("function") or {}
-        args = fn.get("arguments")
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except ValueError:
-                pass
-        calls.append([fn.get("name"), args])
-    return json.dumps(
-        [msg.get("role"), msg.get("content") or "", calls, msg.get("tool_call_id"), msg.get("name")],
-        sort_keys=True,
-        default=str,
-    )
 
 
 _RENDERER_LOCK = threading.Lock()  # transformers' lazy imports are not thread-safe

@@ -41,6 +41,11 @@ class ChatMessage(_Open):
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCallModel] | None = None
+    node_id: str | None = Field(
+        None,
+        description="Session turns: the sequence this reply ends. Send the message back as it came "
+        "(official clients keep this field) and the next turn extends exactly that sequence.",
+    )
 
 
 class ChatChoice(_Open):
@@ -66,6 +71,7 @@ class ChatCompletion(_Open):
 class CompletionChoice(_Open):
     index: int
     text: str
+    node_id: str | None = Field(None, description="Session turns: the sequence this choice ends (for extends=).")
     finish_reason: str | None = None
     logprobs: dict[str, Any] | None = None
     token_ids: list[int] = Field(default_factory=list)

@@ -198,15 +198,18 @@ class Pool:
         reasoning: ReasoningConfig | None = None,
         skip_reasoning: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        continue_final_message: bool = False,
         split: Split = "train",
         **sampling: Any,
     ) -> ChatCompletion:
-        """Stateless OpenAI-shaped chat: render with the chat template, generate, parse."""
+        """Stateless OpenAI-shaped chat: render with the chat template, generate, parse.
+        A conversation ending with an assistant message gets a new assistant turn, or with
+        ``continue_final_message=True`` a continuation of that message."""
         reasoning = self.effective_reasoning(reasoning, skip_reasoning)
         split = _split(split)
         if await self.dispatcher.text_only():
             return await text_chat(self.dispatcher, messages, n, tools, tool_choice, reasoning, split, sampling)
-        completion, _, _ = await chat_turn(
+        done = await chat_turn(
             self.dispatcher,
             await asyncio.to_thread(self.renderer),
             messages,
@@ -218,8 +221,10 @@ class Pool:
             chat_template_kwargs=chat_template_kwargs,
             split=split,
             model_name=self.model_name(),
+            continue_final=continue_final_message,
         )
-        return completion
+        out: ChatCompletion = done.response
+        return out
 
     async def complete(
         self, prompt: str, n: int = 1, *, split: Split = "train", skip_reasoning: bool = False, **sampling: Any
@@ -229,7 +234,7 @@ class Pool:
         if await self.dispatcher.text_only():
             body = {"prompt": prompt, "n": n, **sampling}
             return Completion(**await text_call(self.dispatcher, "completion", body, split))
-        completion, _, _ = await completion_turn(
+        done = await completion_turn(
             self.dispatcher,
             await asyncio.to_thread(self.renderer),
             prompt,
@@ -238,7 +243,8 @@ class Pool:
             split=split,
             model_name=self.model_name(),
         )
-        return completion
+        out: Completion = done.response
+        return out
 
     async def get_logprobs(
         self,

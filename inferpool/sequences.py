@@ -11,7 +11,6 @@ the node exposes lists for compatibility.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +19,6 @@ import numpy as np
 
 MASK = -100
 PROMPT_LOGPROB = 1.0
-_node_ids = itertools.count(1)
 
 
 def encode_versions(versions: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
@@ -151,6 +149,31 @@ class SessionState:
         }
 
 
+def state_from_dict(data: dict[str, Any]) -> SessionState:
+    """The inverse of :meth:`SessionState.to_dict` (e.g. ``GET /sessions/{id}/nodes`` JSON)."""
+    nodes = []
+    for n in data.get("nodes", []):
+        tokens = np.asarray(n["tokens"], dtype=np.int64)
+        masked = np.asarray(n["masked_tokens"], dtype=np.int64)
+        metadata = dict(n.get("metadata") or {})
+        versions = list(metadata.pop("weight_versions", [None] * len(tokens)))
+        nodes.append(
+            SequenceNode(
+                node_id=n["node_id"],
+                token_array=tokens,
+                trainable=masked != MASK,
+                logprob_array=np.asarray(n["logprobs"], dtype=np.float64),
+                full_text=n.get("full_text", ""),
+                weight_versions=versions,
+                metadata=metadata,
+                parent_id=n.get("parent_id"),
+            )
+        )
+    return SessionState(
+        session_id=data["session_id"], nodes=nodes, track_tree=bool(data.get("track_tree")), turns=data.get("turns", 0)
+    )
+
+
 def new_session_id() -> str:
     """A random 128-bit session id."""
     return uuid.uuid4().hex
@@ -176,120 +199,3 @@ class SessionOptions:
 
     track_tree: bool = False
     tool_parser: str = "hermes"
-
-
-@dataclasses.dataclass
-class Prefix:
-    """The stored sequence a new turn extends (or none) and the new prompt's pieces."""
-
-    parent: SequenceNode | None
-    suffix_ids: list[int]
-    suffix_text: str
-
-    def prompt_ids(self) -> list[int]:
-        base = self.parent.tokens if self.parent is not None else []
-        return base + self.suffix_ids
-
-
-def longest_message_prefix(nodes: Sequence[SequenceNode], keys: Sequence[str]) -> tuple[SequenceNode | None, int]:
-    """The stored chat node whose messages are the longest prefix of ``keys``."""
-    from inferpool.chat import message_key
-
-    best: SequenceNode | None = None
-    best_len = 0
-    for node in nodes:
-        msgs = node.messages
-        if not msgs or len(msgs) > len(keys) or len(msgs) <= best_len:
-            continue
-        if all(message_key(m) == k for m, k in zip(msgs, keys, strict=False)):
-            best, best_len = node, len(msgs)
-    return best, best_len
-
-
-def longest_text_prefix(nodes: Sequence[SequenceNode], prompt: str) -> SequenceNode | None:
-    """The stored completion node whose returned text is the longest prefix of ``prompt``."""
-    best: SequenceNode | None = None
-    for node in nodes:
-        text = node.match_text
-        if text is not None and prompt.startswith(text) and (best is None or len(text) > len(best.match_text or "")):
-            best = node
-    return best
-
-
-def extend(
-    prefix: Prefix,
-    sampled: Sequence[int],
-    sampled_logprobs: Sequence[float],
-    sampled_versions: Sequence[Any],
-    *,
-    prompt_text: str,
-    sampled_text: str,
-    eos_token_id: int | None,
-    metadata: dict[str, Any],
-    messages: list[dict[str, Any]] | None = None,
-    match_text: str | None = None,
-) -> SequenceNode:
-    """A new node: parent tokens (kept, still trainable where sampled) + masked suffix + sampled."""
-    parent = prefix.parent
-    k, s = len(prefix.suffix_ids), len(sampled)
-    new_index, labels = encode_versions([*([None] * k), *sampled_versions])
-    if parent is not None:
-        # remap the new labels onto the parent's label table
-        table = list(parent.version_labels)
-        remap = np.empty(len(labels), np.int32)
-        for j, label in enumerate(labels):
-            try:
-                remap[j] = next(i for i, x in enumerate(table) if type(x) is type(label) and x == label)
-            except StopIteration:
-                remap[j] = len(table)
-                table.append(label)
-        new_index = np.where(new_index >= 0, remap[np.maximum(new_index, 0)] if len(labels) else -1, -1).astype(
-            np.int32
-        )
-        tokens = np.concatenate(
-            [parent.token_array, np.asarray(prefix.suffix_ids, np.int64), np.asarray(sampled, np.int64)]
-        )
-        trainable = np.concatenate([parent.trainable, np.zeros(k, bool), np.ones(s, bool)])
-        logprobs = np.concatenate(
-            [parent.logprob_array, np.full(k, PROMPT_LOGPROB), np.asarray(sampled_logprobs, np.float64)]
-        )
-        version_index = np.concatenate([parent.version_index, new_index])
-        full_text = parent.full_text + prompt_text + sampled_text
-    else:
-        tokens = np.asarray([*prefix.suffix_ids, *sampled], np.int64)
-        trainable = np.concatenate([np.zeros(k, bool), np.ones(s, bool)])
-        logprobs = np.concatenate([np.full(k, PROMPT_LOGPROB), np.asarray(sampled_logprobs, np.float64)])
-        version_index, table = new_index, labels
-        full_text = prompt_text + sampled_text
-    node = SequenceNode(
-        node_id=f"n{next(_node_ids)}-{uuid.uuid4().hex[:6]}",
-        token_array=tokens,
-        trainable=trainable,
-        logprob_array=logprobs,
-        full_text=full_text,
-        metadata=metadata,
-        messages=messages,
-        match_text=match_text,
-        parent_id=parent.node_id if parent is not None else None,
-        ended_with_eos=bool(s) and eos_token_id is not None and sampled[-1] == eos_token_id,
-        version_index=version_index,
-        version_labels=table,
-    )
-    node.check()
-    return node
-
-
-def commit(state: SessionState, parent: SequenceNode | None, children: list[SequenceNode]) -> None:
-    """Add a turn's children. List mode: an extension replaces its parent. Tree mode: keep
-    every distinct sequence (by text) with its parent link."""
-    if state.track_tree:
-        seen = {n.full_text for n in state.nodes}
-        for child in children:
-            if child.full_text not in seen:
-                state.nodes.append(child)
-                seen.add(child.full_text)
-    else:
-        if parent is not None:
-            state.nodes = [n for n in state.nodes if n.node_id != parent.node_id]
-        state.nodes.extend(children)
-    state.turns += 1

@@ -60,9 +60,18 @@ class Session:
         skip_reasoning: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
         split: Split = "train",
+        extends: str | None = None,
+        continue_final_message: bool = False,
         **sampling: Any,
     ) -> ChatCompletion:
-        """One chat turn; returns an OpenAI-shaped ChatCompletion (plus token extras)."""
+        """One chat turn; returns an OpenAI-shaped ChatCompletion (plus token extras).
+
+        The prompt extends the recorded sequence the messages continue: each returned
+        assistant message carries the ``node_id`` of its sequence, and a message sent back
+        with it names that sequence exactly (``extends=node_id`` does the same explicitly).
+        A conversation ending with an assistant message gets a new assistant turn, or with
+        ``continue_final_message=True`` a continuation of that message.
+        """
         reasoning = self.pool.effective_reasoning(reasoning, skip_reasoning)
         out: ChatCompletion = await self._call(
             self._store.chat.remote(
@@ -76,16 +85,26 @@ class Session:
                 reasoning,
                 chat_template_kwargs,
                 split,
+                extends,
+                continue_final_message,
             )
         )
         return out
 
     async def complete(
-        self, prompt: str, n: int = 1, *, split: Split = "train", skip_reasoning: bool = False, **sampling: Any
+        self,
+        prompt: str,
+        n: int = 1,
+        *,
+        split: Split = "train",
+        skip_reasoning: bool = False,
+        extends: str | None = None,
+        **sampling: Any,
     ) -> Completion:
-        """One completion turn (extends the longest stored text prefix)."""
+        """One completion turn: extends the recorded completion whose prompt + text is the
+        longest prefix of ``prompt`` (or exactly ``extends``, a choice's ``node_id``)."""
         out: Completion = await self._call(
-            self._store.complete.remote(self.session_id, self._create(), prompt, n, sampling, split)
+            self._store.complete.remote(self.session_id, self._create(), prompt, n, sampling, split, extends)
         )
         return out
 
@@ -97,12 +116,21 @@ class Session:
         reasoning: ReasoningConfig | None = None,
         skip_reasoning: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        extends: str | None = None,
+        continue_final_message: bool = False,
     ) -> dict[str, Any]:
         """The prompt text and token ids a chat call would send now (nothing generated)."""
         reasoning = self.pool.effective_reasoning(reasoning, skip_reasoning)
         out: dict[str, Any] = await self._call(
             self._store.render.remote(
-                self.session_id, messages, tools, reasoning, chat_template_kwargs, self._create()
+                self.session_id,
+                messages,
+                tools,
+                reasoning,
+                chat_template_kwargs,
+                self._create(),
+                extends,
+                continue_final_message,
             )
         )
         return out

@@ -1,122 +1,92 @@
-"""One chat or completion turn: render → route → generate → record.
+"""One chat or completion turn: render → dispatch → record.
 
-Shared by the stateless ``pool.chat`` / ``pool.complete`` (no state) and the session
-stores (which pass the session's sequences and commit the new nodes only after the
-turn succeeded, so a failed turn leaves the state unchanged).
+Shared by the stateless ``pool.chat`` / ``pool.complete`` (no history) and the session
+stores, which pass the session's :class:`~inferpool.session_tree.SessionTree` and record
+the returned segments only after the turn succeeded (a failed turn changes nothing).
+
+- render: the sequence the turn continues (``SessionTree.match_chat`` / ``match_text``),
+  then its stored tokens plus only the new suffix, rendered and encoded; or a fresh
+  render. A turn whose render options (tools, chat-template kwargs) differ from those
+  its sequence was rendered with is rendered fresh as a new root, flagged
+  (``metadata["rerendered"]``), never silently extended without them.
+- dispatch: :meth:`~inferpool.routing.dispatch.Dispatcher.submit`.
+- record: one segment per choice; every returned assistant message carries the
+  ``node_id`` of its sequence, so a client that echoes it back extends exactly that one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from inferpool.chat import ChatRenderer, message_key, validate_messages
+import numpy as np
+
+from inferpool.chat import ChatRenderer, validate_messages
 from inferpool.errors import RequestError
-from inferpool.openai_types import (
-    ChatChoice,
-    ChatCompletion,
-    ChatMessage,
-    Completion,
-    CompletionChoice,
-    usage_of,
-)
-from inferpool.reasoning import (
-    ReasoningConfig,
-    apply_reasoning,
-    apply_tool_choice,
-    get_tool_parser,
-    split_reasoning,
-    strip_control_fields,
+from inferpool.openai_types import ChatChoice, ChatCompletion, Completion, CompletionChoice, usage_of
+from inferpool.reasoning import ReasoningConfig, strip_control_fields
+from inferpool.replies import (
+    assistant_message,
+    completion_text,
+    logprobs_json,
+    recorded_message,
+    sampling_from,
+    template_kwargs_for,
 )
 from inferpool.routing.dispatch import Dispatcher
-from inferpool.sequences import (
-    Prefix,
-    SequenceNode,
-    SessionState,
-    extend,
-    longest_message_prefix,
-    longest_text_prefix,
-)
-from inferpool.types import Choice, GenerateResult, SamplingParams, Split
+from inferpool.session_tree import Match, Segment, SessionTree, new_node_id
+from inferpool.types import GenerateResult, Split
 
 logger = logging.getLogger(__name__)
 
-
-def sampling_from(n: int, sampling: Mapping[str, Any]) -> SamplingParams:
-    """SamplingParams from OpenAI-style keyword arguments (``max_completion_tokens`` too)."""
-    fields = dict(sampling)
-    if "max_completion_tokens" in fields:
-        value = fields.pop("max_completion_tokens")
-        if value is not None:
-            fields["max_tokens"] = value
-    for key in ("stop",):
-        if isinstance(fields.get(key), str):
-            fields[key] = [fields[key]]
-    if isinstance(fields.get("logprobs"), bool):
-        fields["logprobs"] = int(fields.pop("top_logprobs", 0) or 0) if fields["logprobs"] else 0
-    fields.pop("top_logprobs", None)
-    fields = {k: v for k, v in fields.items() if v is not None}
-    return SamplingParams(n=n, **fields)
+Stale = Callable[[Segment], bool]
 
 
-def template_kwargs_for(reasoning: ReasoningConfig | None, extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Chat-template kwargs for a self-hosted engine (e.g. ``enable_thinking``)."""
-    fields = apply_reasoning({}, reasoning, "self_hosted") if reasoning is not None else {}
-    kwargs = dict(fields.get("chat_template_kwargs") or {})
-    kwargs.update(extra or {})
-    return kwargs
+@dataclasses.dataclass
+class Turn:
+    """A turn's response and what to record once it succeeded."""
+
+    response: Any
+    segments: list[Segment]
+    ambiguous: bool = False
+    rerendered: bool = False
 
 
-def _completion_text(renderer: ChatRenderer, choice: Choice) -> str:
-    """The text a client sees for a choice (no trailing EOS text)."""
-    text = choice.text if choice.text is not None else renderer.decode(choice.token_ids)
-    if choice.text is None and renderer.eos_text and text.endswith(renderer.eos_text):
-        text = text[: -len(renderer.eos_text)]
-    return text
+def render_key(tools: list[dict[str, Any]] | None, template_kwargs: Mapping[str, Any]) -> str:
+    """The render options a sequence was rendered with (what changes its prompt's prefix)."""
+    return json.dumps([tools or None, dict(template_kwargs)], sort_keys=True, default=str)
 
 
-def _assistant_message(
-    text: str, choice: Choice, tools: list[dict[str, Any]] | None, tool_choice: Any, tool_parser: str
-) -> tuple[ChatMessage, str | None, str | None]:
-    """Split think block and tool calls out of the raw text; returns (message, finish, problem)."""
-    finish = choice.finish_reason
-    if tools and tool_choice != "none":
-        parsed = get_tool_parser(tool_parser).parse(text)
-        parsed, finish_out, problem = apply_tool_choice(parsed, tool_choice or "auto", finish)
-        message = ChatMessage(
-            content=parsed.content,
-            reasoning_content=parsed.reasoning_content,
-            tool_calls=list(parsed.tool_calls) or None,  # type: ignore[arg-type]
-        )
-        return message, finish_out, problem
-    reasoning, content = split_reasoning(text)
-    return ChatMessage(content=content, reasoning_content=reasoning), finish, None
+def _parent(match: Match, key: str | None, stale: Stale | None) -> tuple[Segment | None, dict[str, Any]]:
+    """The segment a turn extends after the checks, and the flags its nodes carry."""
+    flags: dict[str, Any] = {}
+    parent = match.parent
+    if parent is None:
+        return None, flags
+    if match.ambiguous:
+        flags["ambiguous_parent"] = {"chosen": parent.node_id, "others": match.ambiguous, "rule": "earliest recorded"}
+    if key is not None and parent.render_key != key:
+        flags["rerendered"] = "the tools or chat-template kwargs differ from those the sequence was rendered with"
+        return None, flags
+    if stale is not None and stale(parent):
+        flags["rerendered"] = "requeued: the sequence's sampled tokens are older than RouterConfig.max_staleness"
+        return None, flags
+    return parent, flags
 
 
-def _returned_message(message: ChatMessage) -> dict[str, Any]:
-    """The assistant message as a client echoes it back next turn."""
-    out: dict[str, Any] = {"role": "assistant", "content": message.content}
-    if message.tool_calls:
-        out["tool_calls"] = [tc.model_dump() for tc in message.tool_calls]
-    return out
-
-
-def _logprobs_json(renderer: ChatRenderer, choice: Choice, top: int) -> dict[str, Any]:
-    content = []
-    for i, (tok, lp) in enumerate(zip(choice.token_ids, choice.logprobs, strict=True)):
-        alts = (choice.top_logprobs or [])[i] if choice.top_logprobs else {}
-        content.append(
-            {
-                "token": renderer.decode([tok]),
-                "token_id": tok,
-                "logprob": lp,
-                "top_logprobs": [
-                    {"token": renderer.decode([t]), "token_id": t, "logprob": v} for t, v in list(alts.items())[:top]
-                ],
-            }
-        )
-    return {"content": content}
+def _metadata(result: GenerateResult, index: int, flags: Mapping[str, Any]) -> dict[str, Any]:
+    c = result.choices[index]
+    return {
+        "finish_reason": c.finish_reason,
+        "engine_id": result.engine_id,
+        "weight_version": c.weight_version,
+        "prompt_len": len(result.prompt_token_ids),
+        "request_id": result.request_id,
+        **flags,
+    }
 
 
 async def chat_turn(
@@ -131,91 +101,94 @@ async def chat_turn(
     tool_parser: str = "hermes",
     reasoning: ReasoningConfig | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
-    state: SessionState | None = None,
+    tree: SessionTree | None = None,
     split: Split = "train",
     model_name: str = "",
-    stale: Callable[[SequenceNode], bool] | None = None,
-) -> tuple[ChatCompletion, SequenceNode | None, list[SequenceNode]]:
-    """Run one chat turn; with ``state`` the prompt extends the longest matching sequence."""
+    stale: Stale | None = None,
+    extends: str | None = None,
+    continue_final: bool = False,
+) -> Turn:
+    """Run one chat turn; with ``tree`` the prompt extends the sequence the messages continue."""
     msgs = validate_messages(messages)
     sp = sampling_from(n, sampling or {})
     kwargs = template_kwargs_for(reasoning, chat_template_kwargs)
+    key = render_key(tools, kwargs)
     # render: stored tokens + only the new suffix when a stored sequence is extended
-    parent, stored = (None, 0)
-    if state is not None:
-        parent, stored = longest_message_prefix(state.nodes, [message_key(m) for m in msgs])
-    if parent is not None and stale is not None and stale(parent):
-        parent = None  # requeued: a fresh prompt under the current weights
-    if parent is not None:
-        suffix_text = renderer.suffix(msgs, stored, parent.ended_with_eos, tools=tools, template_kwargs=kwargs)
-        prefix = Prefix(parent, renderer.encode(suffix_text), suffix_text)
+    match = tree.match_chat(msgs, extends) if tree is not None else Match()
+    parent, flags = _parent(match, key, stale)
+    continuing = parent is not None and match.stored == len(msgs) and continue_final
+    if continuing:
+        assert parent is not None and tree is not None
+        full = tree.tokens(parent)
+        prompt = full[: len(full) - 1] if parent.ended_with_eos else full
+        suffix_ids: list[int] = []
+        suffix_text = ""
+    elif parent is not None:
+        assert tree is not None
+        suffix_text = renderer.suffix(
+            msgs, match.stored, parent.ended_with_eos, tools=tools, template_kwargs=kwargs,
+            continue_final=continue_final,
+        )  # fmt: skip
+        suffix_ids = renderer.encode(suffix_text)
+        prompt = np.concatenate([tree.tokens(parent), np.asarray(suffix_ids, np.int64)])
     else:
-        text, ids = renderer.render(msgs, tools=tools, template_kwargs=kwargs)
-        prefix = Prefix(None, ids, text)
-    # route + generate
-    result = await dispatcher.submit(prefix.prompt_ids(), sp, split, state.session_id if state else None)
+        suffix_text, suffix_ids = renderer.render(
+            msgs, tools=tools, template_kwargs=kwargs, continue_final=continue_final
+        )
+        prompt = np.asarray(suffix_ids, np.int64)
+    # dispatch
+    result = await dispatcher.submit(prompt.tolist(), sp, split, tree.session_id if tree is not None else None)
     # record
     choices: list[ChatChoice] = []
-    children: list[SequenceNode] = []
-    for c in result.choices:
-        text = _completion_text(renderer, c)
-        message, finish, problem = _assistant_message(text, c, tools, tool_choice, tool_parser)
+    segments: list[Segment] = []
+    for i, c in enumerate(result.choices):
+        text = completion_text(renderer, c)
+        message, finish, problem = assistant_message(text, c, tools, tool_choice, tool_parser)
         extra: dict[str, Any] = {"tool_choice_problem": problem} if problem else {}
+        if tree is not None:
+            message.node_id = new_node_id()
+            metadata = _metadata(result, i, flags)
+            sampled_text = renderer.decode(c.token_ids)
+            versions = c.weight_versions or [c.weight_version] * len(c.token_ids)
+            if continuing:
+                assert parent is not None
+                reply = recorded_message(message)
+                reply["content"] = (msgs[-1].get("content") or "") + (message.content or "")
+                segments.append(
+                    tree.continuation(
+                        parent, c.token_ids, c.logprobs, versions, sampled_text,
+                        eos_token_id=renderer.eos_token_id, eos_text=renderer.eos_text,
+                        metadata=metadata, reply=reply, node_id=message.node_id,
+                    )
+                )  # fmt: skip
+            else:
+                new_messages = msgs[match.stored :] if parent is not None else msgs
+                segments.append(
+                    tree.new_segment(
+                        parent, suffix_ids, suffix_text, c.token_ids, c.logprobs, versions, sampled_text,
+                        eos_token_id=renderer.eos_token_id, metadata=metadata,
+                        messages=[*new_messages, recorded_message(message)], render_key=key, node_id=message.node_id,
+                    )
+                )  # fmt: skip
         choices.append(
             ChatChoice(
                 index=c.index,
                 message=message,
                 finish_reason=finish,
-                logprobs=_logprobs_json(renderer, c, sp.logprobs) if (sampling or {}).get("logprobs") else None,
+                logprobs=logprobs_json(renderer, c, sp.logprobs) if (sampling or {}).get("logprobs") else None,
                 token_ids=c.token_ids,
                 token_logprobs=c.logprobs,
                 **extra,
             )
         )
-        if state is not None:
-            children.append(_record(renderer, prefix, result, c, messages=[*msgs, _returned_message(message)]))
     completion = ChatCompletion(
         model=model_name,
         choices=choices,
         usage=usage_of(len(result.prompt_token_ids), result.num_generated_tokens),
         prompt_token_ids=result.prompt_token_ids,
-        session_id=state.session_id if state else None,
+        session_id=tree.session_id if tree is not None else None,
     )
-    return completion, parent, children
-
-
-def _record(
-    renderer: ChatRenderer,
-    prefix: Prefix,
-    result: GenerateResult,
-    c: Choice,
-    *,
-    messages: list[dict[str, Any]] | None = None,
-    match_text: str | None = None,
-) -> SequenceNode:
-    """The new sequence node of one choice: the prefix it extends plus what was sampled."""
-    return extend(
-        prefix,
-        c.token_ids,
-        c.logprobs,
-        c.weight_versions or [c.weight_version] * len(c.token_ids),
-        prompt_text=prefix.suffix_text,
-        sampled_text=renderer.decode(c.token_ids),
-        eos_token_id=renderer.eos_token_id,
-        metadata=_metadata(result, c),
-        messages=messages,
-        match_text=match_text,
-    )
-
-
-def _metadata(result: GenerateResult, c: Choice) -> dict[str, Any]:
-    return {
-        "finish_reason": c.finish_reason,
-        "engine_id": result.engine_id,
-        "weight_version": c.weight_version,
-        "prompt_len": len(result.prompt_token_ids),
-        "request_id": result.request_id,
-    }
+    return Turn(completion, segments, bool(flags.get("ambiguous_parent")), "rerendered" in flags)
 
 
 async def completion_turn(
@@ -225,27 +198,40 @@ async def completion_turn(
     *,
     n: int = 1,
     sampling: Mapping[str, Any] | None = None,
-    state: SessionState | None = None,
+    tree: SessionTree | None = None,
     split: Split = "train",
     model_name: str = "",
-    stale: Callable[[SequenceNode], bool] | None = None,
-) -> tuple[Completion, SequenceNode | None, list[SequenceNode]]:
-    """Run one completion turn; with ``state`` the prompt extends the longest text prefix."""
+    stale: Stale | None = None,
+    extends: str | None = None,
+) -> Turn:
+    """Run one completion turn; with ``tree`` the prompt extends the longest recorded text prefix."""
     if not isinstance(prompt, str) or not prompt:
         raise RequestError("prompt: must be a non-empty string", field="prompt")
     sp = sampling_from(n, sampling or {})
-    parent = longest_text_prefix(state.nodes, prompt) if state is not None else None
-    if parent is not None and stale is not None and stale(parent):
-        parent = None
-    suffix_text = prompt[len(parent.match_text or "") :] if parent is not None else prompt
-    prefix = Prefix(parent, renderer.encode(suffix_text) if suffix_text else [], suffix_text)
-    if not prefix.prompt_ids():
+    match = tree.match_text(prompt, extends) if tree is not None else Match()
+    parent, flags = _parent(match, None, stale)
+    suffix_text = prompt[match.stored :] if parent is not None else prompt
+    suffix_ids = renderer.encode(suffix_text) if suffix_text else []
+    base = tree.tokens(parent) if parent is not None and tree is not None else np.zeros(0, np.int64)
+    full = np.concatenate([base, np.asarray(suffix_ids, np.int64)])
+    if not len(full):
         raise RequestError("prompt: encodes to no tokens", field="prompt")
-    result = await dispatcher.submit(prefix.prompt_ids(), sp, split, state.session_id if state else None)
+    result = await dispatcher.submit(full.tolist(), sp, split, tree.session_id if tree is not None else None)
     choices: list[CompletionChoice] = []
-    children: list[SequenceNode] = []
-    for c in result.choices:
-        text = _completion_text(renderer, c)
+    segments: list[Segment] = []
+    for i, c in enumerate(result.choices):
+        text = completion_text(renderer, c)
+        node_id = None
+        if tree is not None:
+            node_id = new_node_id()
+            versions = c.weight_versions or [c.weight_version] * len(c.token_ids)
+            segments.append(
+                tree.new_segment(
+                    parent, suffix_ids, suffix_text, c.token_ids, c.logprobs, versions, renderer.decode(c.token_ids),
+                    eos_token_id=renderer.eos_token_id, metadata=_metadata(result, i, flags),
+                    match_text=prompt + text, node_id=node_id,
+                )
+            )  # fmt: skip
         choices.append(
             CompletionChoice(
                 index=c.index,
@@ -253,18 +239,17 @@ async def completion_turn(
                 finish_reason=c.finish_reason,
                 token_ids=c.token_ids,
                 token_logprobs=c.logprobs,
+                node_id=node_id,
             )
         )
-        if state is not None:
-            children.append(_record(renderer, prefix, result, c, match_text=prompt + text))
     completion = Completion(
         model=model_name,
         choices=choices,
         usage=usage_of(len(result.prompt_token_ids), result.num_generated_tokens),
         prompt_token_ids=result.prompt_token_ids,
-        session_id=state.session_id if state else None,
+        session_id=tree.session_id if tree is not None else None,
     )
-    return completion, parent, children
+    return Turn(completion, segments, bool(flags.get("ambiguous_parent")), "rerendered" in flags)
 
 
 PLACEHOLDER_PROMPT_ID = -1
@@ -308,38 +293,34 @@ async def placeholder_chat_turn(
     tools: list[dict[str, Any]] | None = None,
     tool_choice: Any = None,
     reasoning: ReasoningConfig | None = None,
-    state: SessionState,
+    tree: SessionTree,
     split: Split = "train",
-) -> tuple[ChatCompletion, SequenceNode | None, list[SequenceNode]]:
+) -> Turn:
     """A chat turn on a text-only engine (hosted API), recorded with placeholder tokens.
 
     The real text is kept (``full_text``, ``messages``); every position holds a placeholder
     id (-1 for prompt characters, -2 for sampled ones), nothing is trainable and the node's
     metadata says ``placeholder_tokens: True``. Not token-exact: never train on these ids.
     """
-    import json
-
     msgs = validate_messages(messages)
-    parent, stored = longest_message_prefix(state.nodes, [message_key(m) for m in msgs])
-    new_text = json.dumps(msgs[stored:], ensure_ascii=False)
+    match = tree.match_chat(msgs)
+    parent = match.parent
+    new_text = json.dumps(msgs[match.stored :] if parent is not None else msgs, ensure_ascii=False)
     out = await text_chat(dispatcher, msgs, n, tools, tool_choice, reasoning, split, dict(sampling or {}))
-    children = []
+    segments = []
     for choice in out.choices:
         reply = choice.message.content or ""
-        prefix = Prefix(parent, [PLACEHOLDER_PROMPT_ID] * len(new_text), new_text)
-        node = extend(
-            prefix,
-            [PLACEHOLDER_SAMPLED_ID] * len(reply),
-            [0.0] * len(reply),
-            [None] * len(reply),
-            prompt_text=new_text,
-            sampled_text=reply,
+        choice.message.node_id = new_node_id()
+        seg = tree.new_segment(
+            parent, [PLACEHOLDER_PROMPT_ID] * len(new_text), new_text,
+            [PLACEHOLDER_SAMPLED_ID] * len(reply), [0.0] * len(reply), [None] * len(reply), reply,
             eos_token_id=None,
             metadata={"finish_reason": choice.finish_reason, "placeholder_tokens": True, "engine_id": "text-only"},
-            messages=[*msgs, _returned_message(choice.message)],
-        )
-        node.trainable[:] = False
-        node.logprob_array[:] = 1.0
-        children.append(node)
-    out.session_id = state.session_id
-    return out, parent, children
+            messages=[*(msgs[match.stored :] if parent is not None else msgs), recorded_message(choice.message)],
+            node_id=choice.message.node_id,
+        )  # fmt: skip
+        seg.trainable[:] = False
+        seg.logprobs[:] = 1.0
+        segments.append(seg)
+    out.session_id = tree.session_id
+    return Turn(out, segments)

@@ -129,6 +129,30 @@ async def test_per_session_base_url_three_turns_token_exact(base: str) -> None:
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "session_not_found"
 
 
+async def test_the_openai_client_sends_the_node_id_back_and_continues_that_choice(base: str) -> None:
+    """Continuing choice 1 by appending the returned message object as it is (what agent code
+    written against the openai client does): its node_id survives the round trip, and the
+    next turn extends exactly choice 1's sequence."""
+    async with httpx.AsyncClient(base_url=base, timeout=120) as http:
+        created = (await http.post("/sessions", json={})).json()
+        client = _client(created["base_url"])
+        messages: list[Any] = list(MSGS)
+        first = await client.chat.completions.create(model="m", messages=messages, n=3, max_tokens=8, seed=5)  # type: ignore[arg-type]
+        chosen = first.choices[1].message
+        node_id = _extra(chosen, "node_id")
+        assert node_id and len({_extra(c.message, "node_id") for c in first.choices}) == 3
+        messages += [chosen, {"role": "user", "content": "And then?"}]
+        second = await client.chat.completions.create(model="m", messages=messages, max_tokens=6, seed=6)  # type: ignore[arg-type]
+        state = (await http.get(f"/sessions/{created['session_id']}/nodes")).json()
+        by_id = {n["node_id"]: n for n in state["nodes"]}
+        child = by_id[_extra(second.choices[0].message, "node_id")]
+        assert child["parent_id"] == node_id
+        assert "ambiguous_parent" not in child["metadata"]
+        stored = _extra(first, "prompt_token_ids") + _extra(first.choices[1], "token_ids")
+        assert _extra(second, "prompt_token_ids")[: len(stored)] == stored
+        await client.close()
+
+
 async def test_remote_session_round_trip(base: str) -> None:
     async with RemotePool(base, timeout_s=120) as pool, pool.session() as s:
         first = await s.chat(MSGS, n=2, max_tokens=6, seed=5)

@@ -56,6 +56,46 @@ async def test_fifty_three_turn_sessions_are_token_exact(vllm_pool: ip.Pool) -> 
         assert node.masked_tokens[: len(outs[0].prompt_token_ids)] == [MASK] * len(outs[0].prompt_token_ids)
 
 
+async def branching_session(pool: ip.Pool, rng: random.Random) -> list[tuple[Any, str, list[int], bool]]:
+    """Random turns with n in 1..3; each turn the client continues a random choice, sending it
+    back as returned, without its node_id, or without its reasoning. Returns, per turn after
+    the first, (response, how it was sent back, the continued choice's sequence, flagged)."""
+    seen = []
+    async with pool.session(track_tree=rng.random() < 0.5) as s:
+        msgs: list[dict[str, Any]] = [{"role": "user", "content": " ".join(rng.choices(WORDS, k=4))}]
+        out = await s.chat(msgs, n=rng.randint(1, 3), max_tokens=rng.randint(3, 10), seed=rng.randint(0, 9999))
+        for turn in range(rng.randint(1, 3)):
+            pick = rng.randrange(len(out.choices))
+            continued = out.prompt_token_ids + out.choices[pick].token_ids
+            how = rng.choice(["as_returned", "no_node_id", "no_reasoning"])
+            sent = out.choices[pick].message.model_dump(exclude_none=True)
+            if how != "as_returned":
+                sent.pop("node_id", None)
+            if how == "no_reasoning":
+                sent.pop("reasoning_content", None)
+            msgs = [*msgs, sent, {"role": "user", "content": f"t{turn} " + " ".join(rng.choices(WORDS, k=2))}]
+            out = await s.chat(msgs, n=rng.randint(1, 3), max_tokens=rng.randint(3, 10), seed=rng.randint(0, 9999))
+            state = await s.state()
+            node = next(n for n in state.nodes if n.node_id == out.choices[0].message.node_id)
+            seen.append((out, how, continued, "ambiguous_parent" in node.metadata))
+            # the node is what the engine reported it received plus what it sampled
+            assert node.tokens == out.prompt_token_ids + out.choices[0].token_ids
+    return seen
+
+
+async def test_two_hundred_branching_sessions_extend_the_continued_choice(vllm_pool: ip.Pool) -> None:
+    rng = random.Random(7)
+    sessions = await asyncio.gather(*(branching_session(vllm_pool, random.Random(rng.random())) for _ in range(200)))
+    turns = [t for seen in sessions for t in seen]
+    assert len(turns) >= 200
+    for out, how, continued, flagged in turns:
+        exact = out.prompt_token_ids[: len(continued)] == continued
+        if how == "as_returned":
+            assert exact and not flagged  # the node_id names the sequence
+        else:
+            assert exact or flagged  # another sequence only by the documented rule, and marked
+
+
 async def test_state_ref_fetched_in_another_task_equals_state(vllm_pool: ip.Pool) -> None:
     async with vllm_pool.session() as s:
         await s.chat([{"role": "user", "content": "remote fetch"}], n=2, max_tokens=8, seed=3)

@@ -1,0 +1,498 @@
+"""A session's token-exact history, and the index that finds what a new turn continues.
+
+Segments. A turn records one :class:`Segment` per choice: the tokens it added (the
+rendered suffix of the new messages, not trainable, then what the engine sampled,
+trainable), their logprobs and weight versions, and a link to the segment it extended.
+A sequence is the path from a root to a segment. Recording a turn costs in proportion to
+what is new in it, and nothing recorded is ever dropped: every sequence the session
+returned can be extended token-exactly for the session's lifetime. ``state()`` is a view
+of it: the leaves (list mode) or every distinct sequence (tree mode).
+
+Matching (chat). A turn sends the whole conversation. The index is a trie over the
+messages of every recorded path, kept up to date as segments are recorded; a turn walks
+it once with the request's messages. A request message matches a recorded one when
+everything the client sends back that the session returned agrees: role, content, tool
+names and tool-call ids, ``reasoning_content`` when the request carries it, the
+``node_id`` the session put into each returned assistant message when the request
+carries it, and tool-call arguments (the exact string, or, *loosely*, the same JSON).
+The deepest recorded path wins. When the request matches several recorded sequences
+whose tokens differ (identical replies sampled as different tokens, or a client that
+dropped what told them apart), the session does not guess silently: the documented rule
+picks the closest match (exact arguments over JSON-equal ones), then the earliest
+recorded, and the new nodes say so in ``metadata["ambiguous_parent"]`` (counted in
+``stats()``). ``node_id`` (or ``extends=``) always says exactly which sequence is meant.
+
+Matching (completion). The prompt's longest recorded prefix (prompt + returned text of a
+completion turn), found by length from a dict; the same ambiguity rule.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from inferpool.errors import RequestError
+from inferpool.sequences import PROMPT_LOGPROB, SequenceNode, SessionState
+
+_node_ids = itertools.count(1)
+
+
+def new_node_id() -> str:
+    return f"n{next(_node_ids)}-{uuid.uuid4().hex[:6]}"
+
+
+# -- message comparison --------------------------------------------------------------------
+def _calls(msg: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(msg.get("tool_calls") or ())
+
+
+def coarse_key(msg: dict[str, Any]) -> tuple[Any, ...]:
+    """What must be identical for two messages to match (the trie's key)."""
+    names = tuple(str((c.get("function") or {}).get("name")) for c in _calls(msg))
+    return (msg.get("role"), msg.get("content") or "", msg.get("tool_call_id"), msg.get("name"), names)
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def fine_match(request: dict[str, Any], stored: dict[str, Any]) -> int | None:
+    """None when ``request`` cannot be the recorded ``stored`` message (same coarse key
+    assumed); else how many tool-call arguments matched only as JSON (0: exact)."""
+    node_id = request.get("node_id")
+    if node_id is not None and node_id != stored.get("node_id"):
+        return None
+    reasoning = request.get("reasoning_content")
+    if reasoning is not None and reasoning != stored.get("reasoning_content"):
+        return None
+    loose = 0
+    for req_call, st_call in zip(_calls(request), _calls(stored), strict=True):
+        if req_call.get("id") is not None and st_call.get("id") is not None and req_call["id"] != st_call["id"]:
+            return None
+        req_args = (req_call.get("function") or {}).get("arguments")
+        st_args = (st_call.get("function") or {}).get("arguments")
+        if req_args == st_args:
+            continue
+        if _json(req_args) != _json(st_args):
+            return None
+        loose += 1
+    return loose
+
+
+class _Position:
+    """A point in the trie: the recorded messages that follow it, and the segments whose
+    path ends here."""
+
+    __slots__ = ("children", "ends")
+
+    def __init__(self) -> None:
+        self.children: dict[tuple[Any, ...], list[tuple[dict[str, Any], _Position]]] = {}
+        self.ends: list[Segment] = []
+
+
+class Segment:
+    """What one choice of one turn added to a sequence (see the module docstring)."""
+
+    __slots__ = (
+        "_end",
+        "_full",
+        "children",
+        "depth",
+        "ended_with_eos",
+        "length",
+        "logprobs",
+        "match_text",
+        "messages",
+        "metadata",
+        "node_id",
+        "parent",
+        "render_key",
+        "seq",
+        "text",
+        "tokens",
+        "trainable",
+        "versions",
+        "vset",
+    )
+
+    def __init__(
+        self,
+        node_id: str,
+        parent: Segment | None,
+        tokens: np.ndarray,
+        trainable: np.ndarray,
+        logprobs: np.ndarray,
+        versions: np.ndarray,
+        text: str,
+        metadata: dict[str, Any],
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        match_text: str | None = None,
+        ended_with_eos: bool = False,
+        render_key: str | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.parent = parent
+        self.tokens = tokens  # int64: what this segment added
+        self.trainable = trainable  # bool: True where the engine sampled the token
+        self.logprobs = logprobs  # float64: the engine's logprob; PROMPT_LOGPROB elsewhere
+        self.versions = versions  # int32 index into the tree's version labels; -1: not sampled
+        self.text = text
+        self.metadata = metadata
+        self.messages = messages  # chat: the messages this segment added (new ones + the reply)
+        self.match_text = match_text  # completion: the whole prompt + the returned text
+        self.ended_with_eos = ended_with_eos
+        self.render_key = render_key  # the render options (tools, template kwargs) it was rendered with
+        self.depth: int = (parent.depth if parent else 0) + len(messages or ())
+        self.length: int = (parent.length if parent else 0) + len(tokens)
+        own = np.unique(versions[trainable]) if len(versions) else versions
+        self.vset: frozenset[int] = (parent.vset if parent else frozenset()) | frozenset(int(v) for v in own if v >= 0)
+        self.children = 0
+        self.seq = 0
+        self._full: np.ndarray | None = None  # all token ids of the path (kept on leaves only)
+        self._end: _Position | None = None
+
+    def chain(self) -> list[Segment]:
+        """Root first."""
+        out: list[Segment] = []
+        seg: Segment | None = self
+        while seg is not None:
+            out.append(seg)
+            seg = seg.parent
+        out.reverse()
+        return out
+
+
+class Match:
+    """What a turn continues: ``parent`` (None: render from scratch) and how many of the
+    request's messages its path covers; ``ambiguous`` lists the other candidates when the
+    earliest-recorded rule had to choose; ``loose`` when arguments matched only as JSON."""
+
+    __slots__ = ("ambiguous", "loose", "parent", "stored")
+
+    def __init__(
+        self, parent: Segment | None = None, stored: int = 0, ambiguous: list[str] | None = None, loose: bool = False
+    ) -> None:
+        self.parent = parent
+        self.stored = stored
+        self.ambiguous = ambiguous or []
+        self.loose = loose
+
+
+class SessionTree:
+    """Every sequence one session recorded, indexed for matching (not thread-safe: a store
+    serializes a session's turns)."""
+
+    def __init__(self, session_id: str, track_tree: bool = False) -> None:
+        self.session_id = session_id
+        self.track_tree = track_tree
+        self.turns = 0
+        self.ambiguous_turns = 0
+        self.rerendered_turns = 0
+        self._labels: list[Any] = []
+        self._label_at: dict[tuple[str, Any], int] = {}
+        self._by_id: dict[str, Segment] = {}  # node id -> segment (a dropped duplicate's id: its twin)
+        self._order: list[Segment] = []
+        self._kids: dict[str | None, list[Segment]] = {}  # parent node id -> recorded children
+        self._root = _Position()
+        self._by_text: dict[str, list[Segment]] = {}
+        self._text_lengths: list[int] = []  # distinct match_text lengths, longest first
+        self._seq = itertools.count(1)
+
+    # -- reading ----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def get(self, node_id: str, field: str = "extends") -> Segment:
+        seg = self._by_id.get(node_id)
+        if seg is None:
+            raise RequestError(f"{field}: session {self.session_id} has no node {node_id!r}", field=field)
+        return seg
+
+    def tokens(self, seg: Segment) -> np.ndarray:
+        """All token ids of ``seg``'s sequence (cached while ``seg`` is a leaf)."""
+        if seg._full is not None:
+            return seg._full
+        full = np.concatenate([s.tokens for s in seg.chain()]) if seg.parent is not None else seg.tokens
+        if seg.children == 0:
+            seg._full = full
+        return full
+
+    def sampled_versions(self, seg: Segment) -> list[Any]:
+        """The weight versions that sampled any token of ``seg``'s sequence."""
+        return [self._labels[i] for i in sorted(seg.vset)]
+
+    def path_messages(self, seg: Segment) -> list[dict[str, Any]]:
+        return [m for s in seg.chain() for m in (s.messages or ())]
+
+    # -- matching -----------------------------------------------------------------------
+    def match_chat(self, messages: Sequence[dict[str, Any]], extends: str | None = None) -> Match:
+        """The recorded sequence ``messages`` continue (see the module docstring)."""
+        if extends is not None:
+            seg = self.get(extends)
+            path = self.path_messages(seg)
+            if seg.messages is None or len(path) > len(messages) or any(
+                coarse_key(r) != coarse_key(s) or fine_match(r, s) is None
+                for r, s in zip(messages, path, strict=False)
+            ):
+                raise RequestError(
+                    f"extends: the messages do not continue node {extends!r} (its conversation is not their prefix)",
+                    field="extends",
+                )
+            return Match(seg, len(path))
+        frontier: list[tuple[_Position, int]] = [(self._root, 0)]
+        best: list[tuple[Segment, int]] = []
+        best_depth = 0
+        for depth, msg in enumerate(messages, start=1):
+            key = coarse_key(msg)
+            nxt: list[tuple[_Position, int]] = []
+            for pos, loose in frontier:
+                for stored, child in pos.children.get(key, ()):
+                    extra = fine_match(msg, stored)
+                    if extra is not None:
+                        nxt.append((child, loose + extra))
+            if not nxt:
+                break
+            frontier = nxt
+            ends = [(seg, loose) for pos, loose in frontier for seg in pos.ends]
+            if ends:
+                best, best_depth = ends, depth
+        if not best:
+            return Match()
+        # the closest match first (fewest loose comparisons, then the earliest recorded); every
+        # other candidate whose tokens differ makes the choice a guess, which is reported
+        ranked = sorted(best, key=lambda c: (c[1], c[0].seq))
+        chosen = self._resolve([seg for seg, _ in ranked])
+        return Match(chosen[0], best_depth, [s.node_id for s in chosen[1:]], ranked[0][1] > 0)
+
+    def match_text(self, prompt: str, extends: str | None = None) -> Match:
+        """The recorded completion whose prompt + returned text is the longest prefix of ``prompt``."""
+        if extends is not None:
+            seg = self.get(extends)
+            if seg.match_text is None or not prompt.startswith(seg.match_text):
+                raise RequestError(
+                    f"extends: the prompt does not continue node {extends!r} (its text is not the prompt's prefix)",
+                    field="extends",
+                )
+            return Match(seg, len(seg.match_text))
+        for length in self._text_lengths:
+            if length <= len(prompt):
+                found = self._by_text.get(prompt[:length])
+                if found:
+                    chosen = self._resolve(sorted(found, key=lambda seg: seg.seq))
+                    return Match(chosen[0], length, [s.node_id for s in chosen[1:]])
+        return Match()
+
+    def _resolve(self, candidates: list[Segment]) -> list[Segment]:
+        """The first candidate, then only those whose tokens differ from it (an empty tail: no
+        real ambiguity). Completion candidates come unordered: earliest recorded first."""
+        ordered = list(dict.fromkeys(candidates))
+        first = ordered[0]
+        rest = [s for s in ordered[1:] if not self._same_tokens(first, s)]
+        return [first, *rest]
+
+    def _same_tokens(self, a: Segment, b: Segment) -> bool:
+        if a.length != b.length:
+            return False
+        if a.parent is b.parent:
+            return bool(np.array_equal(a.tokens, b.tokens))
+        return bool(np.array_equal(self.tokens(a), self.tokens(b)))
+
+    # -- recording ----------------------------------------------------------------------
+    def version_indices(self, versions: Sequence[Any]) -> np.ndarray:
+        """Per-token weight versions as indices into this tree's labels (-1: none)."""
+        out = np.full(len(versions), -1, np.int32)
+        for i, v in enumerate(versions):
+            if v is None:
+                continue
+            key = (type(v).__name__, v)
+            j = self._label_at.get(key)
+            if j is None:
+                j = self._label_at[key] = len(self._labels)
+                self._labels.append(v)
+            out[i] = j
+        return out
+
+    def new_segment(
+        self,
+        parent: Segment | None,
+        suffix_ids: Sequence[int],
+        suffix_text: str,
+        sampled: Sequence[int],
+        sampled_logprobs: Sequence[float],
+        sampled_versions: Sequence[Any],
+        sampled_text: str,
+        *,
+        eos_token_id: int | None,
+        metadata: dict[str, Any],
+        messages: list[dict[str, Any]] | None = None,
+        match_text: str | None = None,
+        render_key: str | None = None,
+        node_id: str | None = None,
+    ) -> Segment:
+        """A segment for one choice (not recorded until :meth:`record`)."""
+        k, s = len(suffix_ids), len(sampled)
+        return Segment(
+            node_id or new_node_id(),
+            parent,
+            np.asarray([*suffix_ids, *sampled], np.int64),
+            np.concatenate([np.zeros(k, bool), np.ones(s, bool)]),
+            np.concatenate([np.full(k, PROMPT_LOGPROB), np.asarray(sampled_logprobs, np.float64)]),
+            np.concatenate([np.full(k, -1, np.int32), self.version_indices(sampled_versions)]),
+            suffix_text + sampled_text,
+            metadata,
+            messages=messages,
+            match_text=match_text,
+            ended_with_eos=bool(s) and eos_token_id is not None and sampled[-1] == eos_token_id,
+            render_key=render_key,
+        )
+
+    def continuation(
+        self,
+        base: Segment,
+        sampled: Sequence[int],
+        sampled_logprobs: Sequence[float],
+        sampled_versions: Sequence[Any],
+        sampled_text: str,
+        *,
+        eos_token_id: int | None,
+        eos_text: str,
+        metadata: dict[str, Any],
+        reply: dict[str, Any] | None = None,
+        node_id: str | None = None,
+    ) -> Segment:
+        """A segment that continues ``base``'s final reply (``continue_final_message``): its own
+        tokens without the end-of-turn token it sampled, then the new sample; a sibling of
+        ``base``. ``reply``: the continued assistant message (chat)."""
+        cut = 1 if base.ended_with_eos else 0
+        keep = len(base.tokens) - cut
+        s = len(sampled)
+        messages = None if base.messages is None else [*base.messages[:-1], *([reply] if reply else [])]
+        return Segment(
+            node_id or new_node_id(),
+            base.parent,
+            np.concatenate([base.tokens[:keep], np.asarray(sampled, np.int64)]),
+            np.concatenate([base.trainable[:keep], np.ones(s, bool)]),
+            np.concatenate([base.logprobs[:keep], np.asarray(sampled_logprobs, np.float64)]),
+            np.concatenate([base.versions[:keep], self.version_indices(sampled_versions)]),
+            (base.text.removesuffix(eos_text) if cut else base.text) + sampled_text,
+            metadata,
+            messages=messages,
+            match_text=None if base.match_text is None else base.match_text + sampled_text,
+            ended_with_eos=bool(s) and eos_token_id is not None and sampled[-1] == eos_token_id,
+            render_key=base.render_key,
+        )
+
+    def record(self, segments: Sequence[Segment]) -> None:
+        """Add one turn's segments. Tree mode keeps every distinct sequence: a segment with the
+        very same tokens as a sibling is kept once, its node id naming the twin."""
+        parents: dict[int, np.ndarray] = {}
+        for seg in segments:
+            twin = self._twin(seg) if self.track_tree else None
+            if twin is not None:
+                self._by_id[seg.node_id] = twin
+                self._index(seg, twin)
+                continue
+            parent = seg.parent
+            if parent is not None:
+                key = id(parent)
+                if key not in parents:
+                    parents[key] = self.tokens(parent)
+                seg._full = np.concatenate([parents[key], seg.tokens])
+            else:
+                seg._full = seg.tokens
+            seg.seq = next(self._seq)
+            self._by_id[seg.node_id] = seg
+            self._order.append(seg)
+            self._kids.setdefault(seg.parent.node_id if seg.parent else None, []).append(seg)
+            self._index(seg, seg)
+            if seg.parent is not None:
+                seg.parent.children += 1
+        for seg in segments:
+            if seg.parent is not None:
+                seg.parent._full = None  # no longer a leaf: its tokens are rebuilt on demand
+        self.turns += 1
+
+    def _twin(self, seg: Segment) -> Segment | None:
+        for sibling in self._kids.get(seg.parent.node_id if seg.parent else None, ()):
+            if len(sibling.tokens) == len(seg.tokens) and np.array_equal(sibling.tokens, seg.tokens):
+                return sibling
+        return None
+
+    def _index(self, seg: Segment, target: Segment) -> None:
+        """Index ``seg``'s messages / text as leading to ``target`` (itself, or its twin)."""
+        if seg.messages is not None:
+            pos = seg.parent._end if seg.parent is not None and seg.parent._end is not None else self._root
+            for msg in seg.messages:
+                entries = pos.children.setdefault(coarse_key(msg), [])
+                for stored, child in entries:
+                    if stored == msg:
+                        pos = child
+                        break
+                else:
+                    child = _Position()
+                    entries.append((msg, child))
+                    pos = child
+            if target not in pos.ends:
+                pos.ends.append(target)
+            target._end = target._end or pos
+        if seg.match_text is not None:
+            bucket = self._by_text.setdefault(seg.match_text, [])
+            if not bucket and len(seg.match_text) not in self._text_lengths:
+                self._text_lengths.append(len(seg.match_text))
+                self._text_lengths.sort(reverse=True)
+            if target not in bucket:
+                bucket.append(target)
+
+    def reset(self) -> None:
+        """Forget every recorded sequence (the session stays)."""
+        fresh = SessionTree(self.session_id, self.track_tree)
+        for name in ("_labels", "_label_at", "_by_id", "_order", "_kids", "_root", "_by_text", "_text_lengths"):
+            setattr(self, name, getattr(fresh, name))
+        self.turns = 0
+
+    # -- the view -----------------------------------------------------------------------
+    def visible(self) -> list[Segment]:
+        """List mode: the sequences nothing extended (an extension replaces its parent in the
+        view); tree mode: every recorded sequence. In recording order."""
+        if self.track_tree:
+            return list(self._order)
+        return [s for s in self._order if s.children == 0]
+
+    def node(self, seg: Segment) -> SequenceNode:
+        """``seg``'s whole sequence as a :class:`SequenceNode` (copies of its arrays)."""
+        chain = seg.chain()
+        node = SequenceNode(
+            node_id=seg.node_id,
+            token_array=self.tokens(seg).copy(),
+            trainable=np.concatenate([s.trainable for s in chain]),
+            logprob_array=np.concatenate([s.logprobs for s in chain]),
+            full_text="".join(s.text for s in chain),
+            metadata=seg.metadata,
+            messages=self.path_messages(seg) if seg.messages is not None else None,
+            match_text=seg.match_text,
+            parent_id=seg.parent.node_id if seg.parent is not None else None,
+            ended_with_eos=seg.ended_with_eos,
+            version_index=np.concatenate([s.versions for s in chain]),
+            version_labels=list(self._labels),
+        )
+        node.check()
+        return node
+
+    def state(self) -> SessionState:
+        return SessionState(
+            session_id=self.session_id,
+            nodes=[self.node(s) for s in self.visible()],
+            track_tree=self.track_tree,
+            turns=self.turns,
+        )
