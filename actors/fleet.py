@@ -22,13 +22,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from inferpool.actors.engine import engine_actor_class, engine_actor_options
 from inferpool.config import EngineConfig, PoolConfig
 from inferpool.errors import ConfigError, InferpoolError, RequestError
-from inferpool.ray_utils import await_ref, get_ref
+from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref, get_ref
 from inferpool.routing.router import RouterActor
 from inferpool.types import EngineInfo
 
 logger = logging.getLogger(__name__)
 
-CONTROL_TIMEOUT_S = 60.0
 
 
 def router_name(name: str) -> str:

@@ -29,10 +29,10 @@ from inferpool.errors import SessionError, SessionExpiredError, SessionNotFoundE
 from inferpool.log import setup_logging
 from inferpool.metrics import MetricsRegistry
 from inferpool.openai_types import ChatCompletion, Completion
-from inferpool.ray_utils import await_ref
+from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref
 from inferpool.reasoning import ReasoningConfig
 from inferpool.replies import template_kwargs_for
-from inferpool.routing.dispatch import CONTROL_TIMEOUT_S, Dispatcher
+from inferpool.routing.dispatch import Dispatcher
 from inferpool.sequences import SessionOptions, SessionState
 from inferpool.session_tree import Segment, SessionTree
 from inferpool.turns import Stale, Turn, chat_turn, completion_turn, placeholder_chat_turn, render_key
@@ -211,7 +211,7 @@ class SessionStore:
         extends: str | None = None,
         continue_final: bool = False,
     ) -> ChatCompletion:
-        if await self.dispatcher.text_only():
+        if await self.dispatcher.engines.text_only():
             self._check_placeholders()
 
             async def placeholder(entry: _Entry) -> Turn:

@@ -338,3 +338,41 @@ def borrow(key: str, start: Callable[[], Any], stop: Callable[[Any], None]) -> I
         obj, _ = scope.pop(key)
         stop(obj)
         raise
+
+
+class ProcessCpu:
+    """CPU seconds used during a block by processes of this run, by what they are: Ray actors
+    by class (``ray::SessionStore...`` -> ``SessionStore``) for the names given, and this
+    process as ``Driver``. Read from /proc (psutil) at the start and the end of the block;
+    processes that exit meanwhile are not counted. Needs psutil (a dependency of Ray)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self.seconds: dict[str, float] = {}
+        self._start: dict[int, tuple[str, float]] = {}
+
+    def _sample(self) -> dict[int, tuple[str, float]]:
+        import psutil
+
+        me = os.getpid()
+        out: dict[int, tuple[str, float]] = {}
+        for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+            times = proc.info["cpu_times"]
+            if times is None:
+                continue
+            title = " ".join(proc.info["cmdline"] or ())
+            name = "Driver" if proc.pid == me else next((n for n in self.names if title.startswith(f"ray::{n}")), "")
+            if name:
+                out[proc.pid] = (name, times.user + times.system)
+        return out
+
+    def __enter__(self) -> ProcessCpu:
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._sample()
+        self.seconds = {n: 0.0 for n in (*self.names, "Driver")}
+        for pid, (name, seconds) in end.items():
+            before = self._start.get(pid, (name, 0.0))[1]
+            self.seconds[name] += seconds - before

@@ -14,6 +14,11 @@ Commands arrive as JSON lines on stdin, answers leave as JSON lines on the resul
 - ``{"cmd": "run", "prompts": [[ids...], ...], "sampling": {...}}`` submits every prompt
   at once (``asyncio.gather`` over ``AsyncLLM.generate``) and answers
   ``{"event": "result", "requests": n, "tokens": generated, "seconds": wall}``;
+- ``{"cmd": "sessions", "firsts": [[ids...], ...], "suffix": [ids...], "turns": T,
+  "sampling": {...}}`` runs one conversation per first prompt, all at once: each turn sends
+  the conversation's token ids, appends what was sampled and then ``suffix`` (the next user
+  turn, pre-encoded); answers ``{"event": "result", "tokens": generated, "seconds": wall,
+  "latencies": [per-turn seconds]}``;
 - ``{"cmd": "stop"}`` shuts the engine down.
 
 Sampling parameters are converted with the vLLM backend's own ``to_vllm_sampling``, so
@@ -95,6 +100,16 @@ class RawEngine:
         self._proc.stdin.flush()
         return self._read(timeout_s)
 
+    def sessions(
+        self, firsts: list[list[int]], suffix: list[int], turns: int, sampling: dict[str, Any], timeout_s: float = 900.0
+    ) -> dict[str, Any]:
+        """Multi-turn conversations driven with token ids in the subprocess (see the module docstring)."""
+        assert self._proc.stdin is not None
+        cmd = {"cmd": "sessions", "firsts": firsts, "suffix": suffix, "turns": turns, "sampling": sampling}
+        self._proc.stdin.write(json.dumps(cmd) + "\n")
+        self._proc.stdin.flush()
+        return self._read(timeout_s)
+
     def request_stop(self) -> None:
         """Ask the subprocess to shut its engine down (returns at once; :meth:`stop` waits)."""
         if self._proc.poll() is None and self._proc.stdin is not None and not self._proc.stdin.closed:
@@ -121,7 +136,7 @@ class RawEngine:
 async def _generate_all(engine: Any, prompts: list[list[int]], sampling: dict[str, Any]) -> dict[str, Any]:
     from vllm.inputs import TokensPrompt
 
-    from inferpool.actors.backends.vllm import to_vllm_sampling
+    from inferpool.actors.backends.vllm.backend import to_vllm_sampling
     from inferpool.types import SamplingParams
 
     sp = to_vllm_sampling(SamplingParams(**sampling))
@@ -140,9 +155,41 @@ async def _generate_all(engine: Any, prompts: list[list[int]], sampling: dict[st
     return {"event": "result", "requests": len(prompts), "tokens": sum(counts), "seconds": seconds}
 
 
+async def _conversations(
+    engine: Any, firsts: list[list[int]], suffix: list[int], turns: int, sampling: dict[str, Any]
+) -> dict[str, Any]:
+    from vllm.inputs import TokensPrompt
+
+    from inferpool.actors.backends.vllm.backend import to_vllm_sampling
+    from inferpool.types import SamplingParams
+
+    sp = to_vllm_sampling(SamplingParams(**sampling))
+    tag = uuid.uuid4().hex[:8]
+    latencies: list[float] = []
+
+    async def one(i: int, ids: list[int]) -> int:
+        generated = 0
+        for turn in range(turns):
+            t0 = time.perf_counter()
+            final = None
+            async for out in engine.generate(TokensPrompt(prompt_token_ids=ids), sp, f"raw-{tag}-{i}-{turn}"):
+                final = out
+            assert final is not None
+            latencies.append(time.perf_counter() - t0)
+            sampled = list(final.outputs[0].token_ids)
+            generated += len(sampled)
+            ids = [*ids, *sampled, *suffix]
+        return generated
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(i, list(p)) for i, p in enumerate(firsts)))
+    seconds = time.perf_counter() - t0
+    return {"event": "result", "tokens": sum(counts), "seconds": seconds, "latencies": latencies}
+
+
 def engine_args(engine_config_json: str) -> Any:
     """The ``AsyncEngineArgs`` the pool's vLLM backend builds for this engine config."""
-    from inferpool.actors.backends.vllm import VLLMBackend
+    from inferpool.actors.backends.vllm.backend import VLLMBackend
     from inferpool.config import EngineConfig
 
     config = EngineConfig.model_validate_json(engine_config_json)
@@ -165,7 +212,10 @@ async def _serve(args: argparse.Namespace, out: IO[str]) -> None:
             cmd = json.loads(line)
             if cmd["cmd"] == "stop":
                 break
-            answer = await _generate_all(engine, cmd["prompts"], cmd["sampling"])
+            if cmd["cmd"] == "sessions":
+                answer = await _conversations(engine, cmd["firsts"], cmd["suffix"], cmd["turns"], cmd["sampling"])
+            else:
+                answer = await _generate_all(engine, cmd["prompts"], cmd["sampling"])
             out.write(json.dumps(answer) + "\n")
             out.flush()
     finally:

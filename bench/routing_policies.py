@@ -62,9 +62,9 @@ import time
 from typing import Any
 
 from inferpool.bench.common import Stopwatch, ensure_ray, goal, percentile, ratio, result
+from inferpool.ray_utils import CONTROL_TIMEOUT_S
 
 RATIO_GOAL = 1.5
-_CONTROL_TIMEOUT_S = 60.0
 POLICIES = ("least_loaded", "session_affinity", "prefix_aware")
 FAKE_ENGINES = 4
 MAX_CONCURRENCY = 8  # per fake engine
@@ -192,13 +192,13 @@ def _attach(config: Any, base: Any) -> tuple[Any, Any]:
         name=f"{config.name}:router", namespace=config.namespace, max_concurrency=100_000
     ).remote(config.router, config)
     try:
-        ray.get(router.start.remote(), timeout=_CONTROL_TIMEOUT_S)
+        ray.get(router.start.remote(), timeout=CONTROL_TIMEOUT_S)
         group = config.engines[0]
         for info in sorted(base.engine_infos(), key=lambda i: int(i.engine_id[1:])):  # the base pool's order
             handle = base.engine_handle(info.engine_id)
             ray.get(
                 router.register.remote(info, handle, group.max_requests_per_engine, group.eval_requests_per_engine, 0),
-                timeout=_CONTROL_TIMEOUT_S,
+                timeout=CONTROL_TIMEOUT_S,
             )
         return ip.Pool.connect(config.name, config.namespace), router
     except BaseException:

@@ -36,6 +36,8 @@ BENCHMARKS: dict[str, str] = {
     "weight_push": "inferpool.bench.weight_push",  # issue 7: update_weights bytes/s vs ray.put + ray.get
     "state_ref_vs_json": "inferpool.bench.state_ref_vs_json",  # issue 3: session state via ObjectRef vs JSON/HTTP
     "routing_policies": "inferpool.bench.routing_policies",  # issue 8: affinity / prefix-aware vs least-loaded
+    "sessions_vs_raw": "inferpool.bench.sessions_vs_raw",  # issue 17: managed sessions vs AsyncLLM with ids
+    "store_turns": "inferpool.bench.store_turns",  # issue 17: one store shard's turns/s as history grows
 }
 """Benchmark name -> module with ``run(quick: bool) -> dict``; run in this order (``weight_push``
 right after ``scaling``: it reuses the same pool of fake engines, see :func:`inferpool.bench.common.borrow`)."""

@@ -30,7 +30,7 @@ from pydantic import Field
 from ray import serve
 from ray.serve.deployment import Application
 
-from inferpool.config import Backend, EngineConfig, PoolConfig, RouterConfig, SessionConfig
+from inferpool.config import EngineConfig, PoolConfig, RouterConfig, SessionConfig
 from inferpool.errors import ConfigError
 from inferpool.log import setup_logging
 from inferpool.pool import Pool
@@ -112,7 +112,7 @@ class ServeAppArgs(ConfigModel):
     namespace: str = Field("inferpool", description="Ray namespace of the pool's actors.")
     api_key: str | None = Field(None, description=f"Bearer token; None: env {API_KEY_ENV} of the replica, or no auth.")
     start_pool: bool = Field(True, description="Start the pool (detached) when none is running under that name.")
-    backend: Backend = Field("vllm", description="Engine backend of a pool started here.")
+    backend: str = Field("vllm", description="Engine backend of a pool started here (see EngineConfig.backend).")
     model: str | None = Field(None, description="HF id or local path; None: the embedded tiny model.")
     engines: int = Field(1, ge=1, description="Engines of a pool started here (without engine_autoscaling).")
     engine: dict[str, Any] = Field(

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from inferpool.errors import ConfigError
-from inferpool.reasoning.config import ReasoningConfig
+from inferpool.reasoning_config import ReasoningConfig
+from inferpool.registry import resolve_backend, resolve_policy
 from inferpool.validation import ConfigModel
-
-Backend = Literal["vllm", "sglang", "fake", "openai", "vllm_http", "sglang_http", "trl_http"]
-LOCAL_BACKENDS = ("vllm", "sglang", "fake")
-REMOTE_BACKENDS = ("openai", "vllm_http", "sglang_http", "trl_http")
-Policy = Literal["least_loaded", "session_affinity", "prefix_aware", "power_of_two"]
 
 
 class EngineConfig(ConfigModel):
     """One group of identical engine replicas."""
 
-    backend: Backend = Field(
+    backend: str = Field(
         "vllm",
-        description="Engine backend: in-process 'vllm' / 'sglang', the deterministic 'fake', or a "
-        "remote server ('openai', 'vllm_http', 'sglang_http', 'trl_http').",
+        description="Engine backend: in-process 'vllm' / 'sglang', the deterministic 'fake', a "
+        "remote server ('openai', 'vllm_http', 'sglang_http', 'trl_http'), a name registered with "
+        "inferpool.registry.register_backend, or a 'package.module:Class' target.",
     )
     model: str | None = Field(
         None,
@@ -88,11 +85,22 @@ class EngineConfig(ConfigModel):
         "0..replicas-1.",
     )
 
-    @model_validator(mode="after")
-    def _check_remote(self) -> EngineConfig:
-        if self.backend in REMOTE_BACKENDS and not self.base_url:
-            raise ValueError(f"backend {self.backend!r} needs base_url")
-        return self
+    _backend_target: str = PrivateAttr("")  # resolved where the config was made, used in the engine actor
+
+    def cross_check(self) -> None:
+        entry = resolve_backend(self.backend)
+        if entry.remote and not self.base_url:
+            raise ConfigError(f"EngineConfig.base_url: backend {self.backend!r} needs base_url", field="base_url")
+        if self.placement_group is not None and entry.remote:
+            raise ConfigError(
+                f"EngineConfig.placement_group: remote backend {self.backend!r} runs no local engine to place",
+                field="placement_group",
+            )
+        self._backend_target = entry.target
+
+    def backend_target(self) -> str:
+        """The ``module:attr`` that builds this group's backend."""
+        return self._backend_target or resolve_backend(self.backend).target
 
     @model_validator(mode="after")
     def _check_placement(self) -> EngineConfig:
@@ -105,8 +113,6 @@ class EngineConfig(ConfigModel):
                 )
             if any(i < 0 for i in self.bundle_indices):
                 raise ValueError("bundle_indices must be >= 0")
-        if self.placement_group is not None and self.backend in REMOTE_BACKENDS:
-            raise ValueError(f"placement_group: remote backend {self.backend!r} runs no local engine to place")
         return self
 
     def resolved_bundle_indices(self) -> list[int]:
@@ -133,7 +139,11 @@ class EngineConfig(ConfigModel):
 class RouterConfig(ConfigModel):
     """Selection policy and capacity of the router actor."""
 
-    policy: Policy = Field("least_loaded", description="Engine selection policy.")
+    policy: str = Field(
+        "least_loaded",
+        description="Engine selection policy: least_loaded, session_affinity, prefix_aware, power_of_two, a "
+        "name registered with inferpool.registry.register_policy, or a 'package.module:Class' target.",
+    )
     max_requests_per_engine: int = Field(
         512, ge=1, description="Concurrent requests one engine may hold (train + eval)."
     )
@@ -188,8 +198,15 @@ class RouterConfig(ConfigModel):
     )
 
 
+    _policy_target: str = PrivateAttr("")  # resolved where the config was made, used in the router actor
+
     def cross_check(self) -> None:
         check_quota(self.max_requests_per_engine, self.eval_requests_per_engine, "RouterConfig.")
+        self._policy_target = resolve_policy(self.policy)
+
+    def policy_target(self) -> str:
+        """The ``module:attr`` that builds the policy."""
+        return self._policy_target or resolve_policy(self.policy)
 
 
 def check_quota(capacity: int, eval_quota: int, where: str) -> None:

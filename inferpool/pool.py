@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any, cast
 import ray
 
 from inferpool.actors.backends.base import PauseMode
-from inferpool.actors.fleet import CONTROL_TIMEOUT_S, Fleet, find_router
+from inferpool.actors.fleet import Fleet, find_router
 from inferpool.chat import ChatRenderer, load_renderer, validate_messages
 from inferpool.config import PoolConfig, WeightTransferMethod
 from inferpool.errors import ConfigError, RequestError, SessionError
 from inferpool.hub import check_model_source
 from inferpool.log import setup_logging
 from inferpool.openai_types import ChatCompletion, Completion
-from inferpool.ray_utils import await_ref, ensure_ray, get_ref
+from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref, ensure_ray, get_ref
 from inferpool.reasoning import ReasoningConfig
 from inferpool.routing.dispatch import Dispatcher
 from inferpool.sequences import is_session_id, new_session_id, shard_of
@@ -98,7 +98,7 @@ class Pool:
             specs: list[tuple[str, int]] = []
             for g, group in enumerate(config.engines):
                 specs.extend((f"e{len(specs)}", g) for _ in range(group.replicas))
-            pool.dispatcher.set_infos(fleet.start_engines(specs).values())
+            pool.dispatcher.engines.set_infos(fleet.start_engines(specs).values())
             pool._stores = fleet.start_stores()
         except BaseException:
             pool.shutdown()
@@ -207,7 +207,7 @@ class Pool:
         ``continue_final_message=True`` a continuation of that message."""
         reasoning = self.effective_reasoning(reasoning, skip_reasoning)
         split = _split(split)
-        if await self.dispatcher.text_only():
+        if await self.dispatcher.engines.text_only():
             return await text_chat(self.dispatcher, messages, n, tools, tool_choice, reasoning, split, sampling)
         done = await chat_turn(
             self.dispatcher,
@@ -231,7 +231,7 @@ class Pool:
     ) -> Completion:
         """Stateless OpenAI-shaped completion of a text prompt."""
         split = _split(split)
-        if await self.dispatcher.text_only():
+        if await self.dispatcher.engines.text_only():
             body = {"prompt": prompt, "n": n, **sampling}
             return Completion(**await text_call(self.dispatcher, "completion", body, split))
         done = await completion_turn(
@@ -308,7 +308,7 @@ class Pool:
     def session_timeout_s(self) -> float:
         """Upper bound of one session call: every attempt may wait for a slot and time out."""
         attempts = self.config.router.max_attempts
-        return attempts * (self.dispatcher.max_timeout() + self.config.router.acquire_timeout_s) + 30.0
+        return attempts * (self.dispatcher.engines.max_timeout() + self.config.router.acquire_timeout_s) + 30.0
 
     async def abort_session(self, session_id: str) -> int:
         """Abort the session's in-flight requests: each ends at once with finish reason
@@ -351,7 +351,7 @@ class Pool:
         to drain, or ``keep`` them frozen until resume. New requests wait meanwhile."""
         if mode not in ("abort", "wait", "keep"):
             raise RequestError(f"mode: must be abort, wait or keep, got {mode!r}", field="mode")
-        await self.fleet.broadcast("pause", lambda h: h.pause.remote(mode), self.dispatcher.max_timeout())
+        await self.fleet.broadcast("pause", lambda h: h.pause.remote(mode), self.dispatcher.engines.max_timeout())
 
     async def resume(self) -> None:
         await self.fleet.broadcast("resume", lambda h: h.resume.remote(), CONTROL_TIMEOUT_S)
@@ -382,10 +382,10 @@ class Pool:
 
     def engine_infos_known(self) -> list[EngineInfo]:
         """The engines this process knows of (no router call)."""
-        return list(self.dispatcher.known_infos().values())
+        return list(self.dispatcher.engines.known_infos().values())
 
     def engine_ids(self) -> list[str]:
-        return sorted(self.dispatcher.known_infos())
+        return sorted(self.dispatcher.engines.known_infos())
 
     def engine_infos(self) -> list[EngineInfo]:
         infos: list[EngineInfo] = get_ref(self._router.engine_infos.remote(), CONTROL_TIMEOUT_S, "router")
@@ -406,11 +406,11 @@ class Pool:
     def scale(self, replicas: int, group: int = 0, drain_timeout_s: float = 60.0) -> list[str]:
         """Set the replica count of an engine group; returns the engine ids now in the group."""
         ids = self.fleet.scale(replicas, group, drain_timeout_s)
-        self.dispatcher.set_infos(self.engine_infos())
+        self.dispatcher.engines.set_infos(self.engine_infos())
         return ids
 
     def shutdown(self) -> None:
         """Stop every engine, the session stores and the router; the pool's name can be reused."""
         self._weights.drop_sender()
-        self.fleet.shutdown(self._stores, self.dispatcher.known_handles())
+        self.fleet.shutdown(self._stores, self.dispatcher.engines.known_handles())
         logger.info("pool %r shut down", self.name)

@@ -16,6 +16,9 @@ from inferpool.errors import BackendError, EngineDeadError, EngineTimeoutError, 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+CONTROL_TIMEOUT_S = 60.0
+"""Bound on a control call to a pool's actors (router, stores, engines' lifecycle calls)."""
+
 
 def ensure_ray(address: str | None = None, namespace: str | None = None) -> None:
     """Connect to Ray: the given/current cluster, else start a local instance."""

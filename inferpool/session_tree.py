@@ -8,14 +8,10 @@ what is new in it, and nothing recorded is ever dropped: every sequence the sess
 returned can be extended token-exactly for the session's lifetime. ``state()`` is a view
 of it: the leaves (list mode) or every distinct sequence (tree mode).
 
-Matching (chat). A turn sends the whole conversation. The index is a trie over the
-messages of every recorded path, kept up to date as segments are recorded; a turn walks
-it once with the request's messages. A request message matches a recorded one when
-everything the client sends back that the session returned agrees: role, content, tool
-names and tool-call ids, ``reasoning_content`` when the request carries it, the
-``node_id`` the session put into each returned assistant message when the request
-carries it, and tool-call arguments (the exact string, or, *loosely*, the same JSON).
-The deepest recorded path wins. When the request matches several recorded sequences
+Matching (chat). A turn sends the whole conversation; the tree's
+:class:`~inferpool.message_index.MessageIndex`, kept up to date as segments are recorded,
+finds the recorded path the request's messages follow furthest (what a match compares:
+see that module). The deepest recorded path wins. When the request matches several recorded sequences
 whose tokens differ (identical replies sampled as different tokens, or a client that
 dropped what told them apart), the session does not guess silently: the documented rule
 picks the closest match (exact arguments over JSON-equal ones), then the earliest
@@ -23,13 +19,12 @@ recorded, and the new nodes say so in ``metadata["ambiguous_parent"]`` (counted 
 ``stats()``). ``node_id`` (or ``extends=``) always says exactly which sequence is meant.
 
 Matching (completion). The prompt's longest recorded prefix (prompt + returned text of a
-completion turn), found by length from a dict; the same ambiguity rule.
+completion turn), from a :class:`~inferpool.message_index.TextIndex`; the same rule.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from inferpool.errors import RequestError
+from inferpool.message_index import MessageIndex, Position, TextIndex, matches
 from inferpool.sequences import PROMPT_LOGPROB, SequenceNode, SessionState
 
 _node_ids = itertools.count(1)
@@ -44,60 +40,6 @@ _node_ids = itertools.count(1)
 
 def new_node_id() -> str:
     return f"n{next(_node_ids)}-{uuid.uuid4().hex[:6]}"
-
-
-# -- message comparison --------------------------------------------------------------------
-def _calls(msg: dict[str, Any]) -> list[dict[str, Any]]:
-    return list(msg.get("tool_calls") or ())
-
-
-def coarse_key(msg: dict[str, Any]) -> tuple[Any, ...]:
-    """What must be identical for two messages to match (the trie's key)."""
-    names = tuple(str((c.get("function") or {}).get("name")) for c in _calls(msg))
-    return (msg.get("role"), msg.get("content") or "", msg.get("tool_call_id"), msg.get("name"), names)
-
-
-def _json(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
-
-
-def fine_match(request: dict[str, Any], stored: dict[str, Any]) -> int | None:
-    """None when ``request`` cannot be the recorded ``stored`` message (same coarse key
-    assumed); else how many tool-call arguments matched only as JSON (0: exact)."""
-    node_id = request.get("node_id")
-    if node_id is not None and node_id != stored.get("node_id"):
-        return None
-    reasoning = request.get("reasoning_content")
-    if reasoning is not None and reasoning != stored.get("reasoning_content"):
-        return None
-    loose = 0
-    for req_call, st_call in zip(_calls(request), _calls(stored), strict=True):
-        if req_call.get("id") is not None and st_call.get("id") is not None and req_call["id"] != st_call["id"]:
-            return None
-        req_args = (req_call.get("function") or {}).get("arguments")
-        st_args = (st_call.get("function") or {}).get("arguments")
-        if req_args == st_args:
-            continue
-        if _json(req_args) != _json(st_args):
-            return None
-        loose += 1
-    return loose
-
-
-class _Position:
-    """A point in the trie: the recorded messages that follow it, and the segments whose
-    path ends here."""
-
-    __slots__ = ("children", "ends")
-
-    def __init__(self) -> None:
-        self.children: dict[tuple[Any, ...], list[tuple[dict[str, Any], _Position]]] = {}
-        self.ends: list[Segment] = []
 
 
 class Segment:
@@ -160,7 +102,7 @@ class Segment:
         self.children = 0
         self.seq = 0
         self._full: np.ndarray | None = None  # all token ids of the path (kept on leaves only)
-        self._end: _Position | None = None
+        self._end: Position[Segment] | None = None
 
     def chain(self) -> list[Segment]:
         """Root first."""
@@ -204,9 +146,8 @@ class SessionTree:
         self._by_id: dict[str, Segment] = {}  # node id -> segment (a dropped duplicate's id: its twin)
         self._order: list[Segment] = []
         self._kids: dict[str | None, list[Segment]] = {}  # parent node id -> recorded children
-        self._root = _Position()
-        self._by_text: dict[str, list[Segment]] = {}
-        self._text_lengths: list[int] = []  # distinct match_text lengths, longest first
+        self._messages: MessageIndex[Segment] = MessageIndex()
+        self._texts: TextIndex[Segment] = TextIndex()
         self._seq = itertools.count(1)
 
     # -- reading ----------------------------------------------------------------------
@@ -241,39 +182,26 @@ class SessionTree:
         if extends is not None:
             seg = self.get(extends)
             path = self.path_messages(seg)
-            if seg.messages is None or len(path) > len(messages) or any(
-                coarse_key(r) != coarse_key(s) or fine_match(r, s) is None
-                for r, s in zip(messages, path, strict=False)
-            ):
-                raise RequestError(
-                    f"extends: the messages do not continue node {extends!r} (its conversation is not their prefix)",
-                    field="extends",
-                )
+            if seg.messages is None or len(path) > len(messages):
+                raise self._not_continued(extends)
+            if not all(matches(r, s) for r, s in zip(messages, path, strict=False)):
+                raise self._not_continued(extends)
             return Match(seg, len(path))
-        frontier: list[tuple[_Position, int]] = [(self._root, 0)]
-        best: list[tuple[Segment, int]] = []
-        best_depth = 0
-        for depth, msg in enumerate(messages, start=1):
-            key = coarse_key(msg)
-            nxt: list[tuple[_Position, int]] = []
-            for pos, loose in frontier:
-                for stored, child in pos.children.get(key, ()):
-                    extra = fine_match(msg, stored)
-                    if extra is not None:
-                        nxt.append((child, loose + extra))
-            if not nxt:
-                break
-            frontier = nxt
-            ends = [(seg, loose) for pos, loose in frontier for seg in pos.ends]
-            if ends:
-                best, best_depth = ends, depth
+        best, depth = self._messages.match(messages)
         if not best:
             return Match()
         # the closest match first (fewest loose comparisons, then the earliest recorded); every
         # other candidate whose tokens differ makes the choice a guess, which is reported
         ranked = sorted(best, key=lambda c: (c[1], c[0].seq))
         chosen = self._resolve([seg for seg, _ in ranked])
-        return Match(chosen[0], best_depth, [s.node_id for s in chosen[1:]], ranked[0][1] > 0)
+        return Match(chosen[0], depth, [s.node_id for s in chosen[1:]], ranked[0][1] > 0)
+
+    @staticmethod
+    def _not_continued(node_id: str) -> RequestError:
+        return RequestError(
+            f"extends: the messages do not continue node {node_id!r} (its conversation is not their prefix)",
+            field="extends",
+        )
 
     def match_text(self, prompt: str, extends: str | None = None) -> Match:
         """The recorded completion whose prompt + returned text is the longest prefix of ``prompt``."""
@@ -285,13 +213,11 @@ class SessionTree:
                     field="extends",
                 )
             return Match(seg, len(seg.match_text))
-        for length in self._text_lengths:
-            if length <= len(prompt):
-                found = self._by_text.get(prompt[:length])
-                if found:
-                    chosen = self._resolve(sorted(found, key=lambda seg: seg.seq))
-                    return Match(chosen[0], length, [s.node_id for s in chosen[1:]])
-        return Match()
+        found, length = self._texts.longest_prefix(prompt)
+        if not found:
+            return Match()
+        chosen = self._resolve(sorted(found, key=lambda seg: seg.seq))
+        return Match(chosen[0], length, [s.node_id for s in chosen[1:]])
 
     def _resolve(self, candidates: list[Segment]) -> list[Segment]:
         """The first candidate, then only those whose tokens differ from it (an empty tail: no
@@ -432,32 +358,16 @@ class SessionTree:
     def _index(self, seg: Segment, target: Segment) -> None:
         """Index ``seg``'s messages / text as leading to ``target`` (itself, or its twin)."""
         if seg.messages is not None:
-            pos = seg.parent._end if seg.parent is not None and seg.parent._end is not None else self._root
-            for msg in seg.messages:
-                entries = pos.children.setdefault(coarse_key(msg), [])
-                for stored, child in entries:
-                    if stored == msg:
-                        pos = child
-                        break
-                else:
-                    child = _Position()
-                    entries.append((msg, child))
-                    pos = child
-            if target not in pos.ends:
-                pos.ends.append(target)
-            target._end = target._end or pos
+            start = seg.parent._end if seg.parent is not None else None
+            end = self._messages.add(start, seg.messages, target)
+            target._end = target._end or end
         if seg.match_text is not None:
-            bucket = self._by_text.setdefault(seg.match_text, [])
-            if not bucket and len(seg.match_text) not in self._text_lengths:
-                self._text_lengths.append(len(seg.match_text))
-                self._text_lengths.sort(reverse=True)
-            if target not in bucket:
-                bucket.append(target)
+            self._texts.add(seg.match_text, target)
 
     def reset(self) -> None:
         """Forget every recorded sequence (the session stays)."""
         fresh = SessionTree(self.session_id, self.track_tree)
-        for name in ("_labels", "_label_at", "_by_id", "_order", "_kids", "_root", "_by_text", "_text_lengths"):
+        for name in ("_labels", "_label_at", "_by_id", "_order", "_kids", "_messages", "_texts"):
             setattr(self, name, getattr(fresh, name))
         self.turns = 0
 

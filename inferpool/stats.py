@@ -9,19 +9,18 @@ from typing import Any
 
 from inferpool.config import PoolConfig
 from inferpool.errors import InferpoolError
-from inferpool.ray_utils import get_ref
+from inferpool.ray_utils import CONTROL_TIMEOUT_S, get_ref
 
 logger = logging.getLogger(__name__)
 
-_CONTROL_TIMEOUT_S = 60.0
 _SOURCE_TIMEOUT_S = 10.0
 
 
 def pool_stats(config: PoolConfig, router: Any, stores: list[Any]) -> dict[str, Any]:
     """Engines (health, load, counters, node), session shards and router state, as plain dicts."""
-    load = get_ref(router.load.remote(), _CONTROL_TIMEOUT_S, "router")
-    handles = get_ref(router.engines.remote(), _CONTROL_TIMEOUT_S, "router")
-    infos = {i.engine_id: i for i in get_ref(router.engine_infos.remote(), _CONTROL_TIMEOUT_S, "router")}
+    load = get_ref(router.load.remote(), CONTROL_TIMEOUT_S, "router")
+    handles = get_ref(router.engines.remote(), CONTROL_TIMEOUT_S, "router")
+    infos = {i.engine_id: i for i in get_ref(router.engine_infos.remote(), CONTROL_TIMEOUT_S, "router")}
     refs = {eid: h.stats.remote() for eid, h in handles.items()}
     engines: dict[str, Any] = {}
     for eid, ref in refs.items():
@@ -46,10 +45,10 @@ def pool_stats(config: PoolConfig, router: Any, stores: list[Any]) -> dict[str, 
         "sessions": sessions,
         "router": {
             "policy": config.router.policy,
-            "timings": get_ref(router.timing_summary.remote(), _CONTROL_TIMEOUT_S, "router"),
-            "leases": get_ref(router.num_leases.remote(), _CONTROL_TIMEOUT_S, "router"),
+            "timings": get_ref(router.timing_summary.remote(), CONTROL_TIMEOUT_S, "router"),
+            "leases": get_ref(router.num_leases.remote(), CONTROL_TIMEOUT_S, "router"),
         },
-        "versions": get_ref(router.versions.remote(), _CONTROL_TIMEOUT_S, "router"),
+        "versions": get_ref(router.versions.remote(), CONTROL_TIMEOUT_S, "router"),
     }
 
 
@@ -57,7 +56,7 @@ def pool_metrics(router: Any, stores: list[Any]) -> dict[str, float]:
     """Every metric series of the pool as one flat dict (for wandb / TensorBoard): the engines',
     router's and session stores' ``inferpool_*`` series plus per-engine request time
     mean/std/p99 per split, average attempts and generated tokens/s."""
-    handles = get_ref(router.engines.remote(), _CONTROL_TIMEOUT_S, "router")
+    handles = get_ref(router.engines.remote(), CONTROL_TIMEOUT_S, "router")
     out: dict[str, float] = {}
     sources = [router.metrics_snapshot.remote()]
     sources += [h.metrics_snapshot.remote() for h in handles.values()]
@@ -68,7 +67,7 @@ def pool_metrics(router: Any, stores: list[Any]) -> dict[str, float]:
                 out[key] = out.get(key, 0.0) + value if key.endswith("_total") else value
         except InferpoolError as exc:
             logger.warning("metrics source unavailable: %s", exc)
-    timings = get_ref(router.timing_summary.remote(), _CONTROL_TIMEOUT_S, "router")
+    timings = get_ref(router.timing_summary.remote(), CONTROL_TIMEOUT_S, "router")
     for eid, summary in timings.items():
         for split in ("train", "eval"):
             for stat in ("mean_s", "std_s", "p99_s", "count"):

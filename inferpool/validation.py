@@ -14,17 +14,24 @@ from inferpool.errors import ConfigError, InferpoolError, RequestError
 
 
 def _describe(exc: ValidationError, owner: str) -> tuple[str, str]:
-    first = exc.errors()[0]
-    field = ".".join(str(p) for p in first.get("loc", ())) or owner
+    """(field, message) of a pydantic failure. A rule across fields raised as one of our errors
+    (``cross_check``) keeps its own field and message, under the location of its model."""
+    fields: list[str] = []
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
+        loc = [str(p) for p in err.get("loc", ())]
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, InferpoolError):
+            fields.append(".".join([*loc, inner.field or ""]).strip("."))
+            parts.append(f"{owner}.{'.'.join(loc)}: {inner.message}" if loc else inner.message)
+            continue
+        fields.append(".".join(loc))
         value = err.get("input")
         shown = repr(value) if not isinstance(value, dict) else "{...}"
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        parts.append(f"{owner}.{loc}: {err.get('msg')} (got {shown})")
-    return field, "; ".join(parts)
+        parts.append(f"{owner}.{'.'.join(loc) or '(root)'}: {err.get('msg')} (got {shown})")
+    return fields[0] or owner, "; ".join(parts)
 
 
 class _Checked(BaseModel):
@@ -39,11 +46,13 @@ class _Checked(BaseModel):
         except ValidationError as exc:
             field, message = _describe(exc, type(self).__name__)
             raise self.error_cls(message, field=field) from None
-        self.cross_check()
+
+    def model_post_init(self, context: Any, /) -> None:
+        self.cross_check()  # also for models built inside another (from a dict)
 
     def cross_check(self) -> None:
         """Rules across fields, raising this model's error with the field it names (runs after
-        construction and after every assignment)."""
+        construction, nested construction included, and after every assignment)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         fields = type(self).model_fields
@@ -64,12 +73,10 @@ class _Checked(BaseModel):
     def parse(cls, data: Any) -> Any:
         """``model_validate`` that raises this model's inferpool error instead of pydantic's."""
         try:
-            model = cls.model_validate(data)
+            return cls.model_validate(data)
         except ValidationError as exc:
             field, message = _describe(exc, cls.__name__)
             raise cls.error_cls(message, field=field) from None
-        model.cross_check()
-        return model
 
 
 class ConfigModel(_Checked):

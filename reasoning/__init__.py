@@ -11,12 +11,13 @@
 
 from __future__ import annotations
 
-from .config import (
+from inferpool.reasoning_config import (
     DEFAULT_EFFORT,
     EFFORT_BUDGETS,
     VALID_EFFORTS,
     ReasoningConfig,
 )
+
 from .hermes import HermesToolParser, render_hermes_tool_call
 from .providers import (
     CONTROL_FIELDS,

@@ -2,7 +2,7 @@
 
 :func:`detect_provider` names the provider from an explicit setting or the base URL's
 host. :func:`apply_reasoning` returns a copy of an OpenAI-style request dict with the
-fields of a :class:`~inferpool.reasoning.config.ReasoningConfig` written the way that
+fields of a :class:`~inferpool.reasoning_config.ReasoningConfig` written the way that
 provider expects:
 
 =====================  ==============================================================
@@ -26,7 +26,7 @@ import logging
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import DEFAULT_EFFORT, EFFORT_BUDGETS, ReasoningConfig
+from inferpool.reasoning_config import DEFAULT_EFFORT, EFFORT_BUDGETS, ReasoningConfig
 
 logger = logging.getLogger(__name__)
 

@@ -24,15 +24,16 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import ray
 
 from inferpool.config import PoolConfig
-from inferpool.errors import EngineDeadError, EngineError, InferpoolError, NoHealthyEngineError
-from inferpool.ray_utils import await_ref
+from inferpool.errors import EngineDeadError, InferpoolError, NoHealthyEngineError
+from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref
 from inferpool.routing.batching import CallBatcher, LoopLocal
+from inferpool.routing.engines import EngineView
 from inferpool.routing.leases import Lease, LeaseAsk, LeaseReturn
 from inferpool.types import Choice, EngineInfo, GenerateRequest, GenerateResult, SamplingParams, Split
 from inferpool.validation import check_request
@@ -40,7 +41,6 @@ from inferpool.validation import check_request
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-CONTROL_TIMEOUT_S = 60.0
 _ROUTER_RESTART_S = 30.0  # how long callers wait for a restarted router
 _RELEASE_CONFIRM_S = 10.0  # how long a finished call waits to see its lease given back
 
@@ -106,8 +106,7 @@ class Dispatcher:
     def __init__(self, router: Any, config: PoolConfig, infos: Sequence[EngineInfo] = ()) -> None:
         self.router = router
         self.config = config
-        self._handles: dict[str, Any] = {}
-        self._infos: dict[str, EngineInfo] = {i.engine_id: i for i in infos}
+        self.engines = EngineView(router, config, infos)
         self._prefix = uuid.uuid4().hex[:8]
         self._ids = itertools.count()
         acquire_timeout = config.router.acquire_timeout_s + 10
@@ -121,69 +120,6 @@ class Dispatcher:
         self._session_requests: dict[str, dict[str, str | None]] = defaultdict(dict)
         self._aborted: set[str] = set()  # request ids aborted before they reached an engine
 
-    # -- the engines, as the router knows them ---------------------------------------------
-    async def refresh(self) -> None:
-        """Re-read the engine registry (handles and static facts) from the router."""
-        infos, handles = await asyncio.gather(
-            await_ref(self.router.engine_infos.remote(), CONTROL_TIMEOUT_S, "router"),
-            await_ref(self.router.engines.remote(), CONTROL_TIMEOUT_S, "router"),
-        )
-        self._infos = {i.engine_id: i for i in infos}
-        self._handles = dict(handles)
-
-    def set_infos(self, infos: Iterable[EngineInfo]) -> None:
-        """Replace what this process knows of the engines (after a start or scale)."""
-        self._infos = {i.engine_id: i for i in infos}
-
-    def known_infos(self) -> dict[str, EngineInfo]:
-        """The engines this process knows of, without asking the router."""
-        return dict(self._infos)
-
-    def known_handles(self) -> dict[str, Any]:
-        return dict(self._handles)
-
-    async def engine_infos(self) -> dict[str, EngineInfo]:
-        if not self._infos:
-            await self.refresh()
-        return self._infos
-
-    async def handles(self) -> dict[str, Any]:
-        """Every engine's actor handle, fresh from the router."""
-        await self.refresh()
-        return dict(self._handles)
-
-    async def handle(self, engine_id: str) -> Any:
-        handle = self._handles.get(engine_id)
-        if handle is None:
-            await self.refresh()
-            handle = self._handles.get(engine_id)
-            if handle is None:
-                raise EngineError(f"engine {engine_id} is not registered")
-        return handle
-
-    async def limits(self) -> tuple[int, int]:
-        """(vocabulary size, context length) every engine of the pool accepts."""
-        infos = await self.engine_infos()
-        if not infos:
-            return (1 << 62, 1 << 62)
-        return min(i.vocab_size for i in infos.values()), min(i.max_model_len for i in infos.values())
-
-    async def text_only(self) -> bool:
-        """Whether the pool's engines return text only (hosted APIs: no token ids)."""
-        infos = await self.engine_infos()
-        return bool(infos) and not all(i.supports_tokens for i in infos.values())
-
-    def timeout_for(self, engine_id: str) -> float:
-        """The request timeout of the engine's group."""
-        info = self._infos.get(engine_id)
-        groups = self.config.engines
-        if info is not None and 0 <= info.group < len(groups):
-            return groups[info.group].request_timeout_s
-        return max(g.request_timeout_s for g in groups)
-
-    def max_timeout(self) -> float:
-        return max(g.request_timeout_s for g in self.config.engines)
-
     # -- requests --------------------------------------------------------------------------
     def request_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
@@ -193,7 +129,7 @@ class Dispatcher:
 
     async def check(self, request: GenerateRequest, where: str = "") -> None:
         """Refuse what no engine of the pool can serve, before any engine sees it."""
-        vocab, ctx = await self.limits()
+        vocab, ctx = await self.engines.limits()
         request.prompt_token_ids = check_request(request.prompt_token_ids, request.sampling, vocab, ctx, where)
 
     async def submit(
@@ -270,8 +206,9 @@ class Dispatcher:
         )
 
     async def _on_engine(self, engine_id: str, call: Callable[[Any], ray.ObjectRef], timeout_s: float | None) -> Any:
-        handle = await self.handle(engine_id)
-        return await await_ref(call(handle), timeout_s or self.timeout_for(engine_id), f"engine {engine_id}")
+        handle = await self.engines.handle(engine_id)
+        timeout = timeout_s or self.engines.timeout_for(engine_id)
+        return await await_ref(call(handle), timeout, f"engine {engine_id}")
 
     def _report_failure(self, engine_id: str, exc: Exception) -> None:
         self.router.report_failure.remote(engine_id, str(exc))
@@ -442,7 +379,7 @@ class Dispatcher:
                 self._aborted.add(request_id)
                 count += 1
                 continue
-            handle = await self.handle(engine_id)
+            handle = await self.engines.handle(engine_id)
             if await await_ref(handle.abort.remote(request_id), CONTROL_TIMEOUT_S, f"engine {engine_id} abort"):
                 count += 1
         return count

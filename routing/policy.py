@@ -17,6 +17,9 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from inferpool import registry
+from inferpool.config import RouterConfig
+from inferpool.errors import ConfigError
 from inferpool.types import Split
 
 
@@ -123,41 +126,31 @@ class LeastLoaded:
         return None
 
 
-POLICIES: dict[str, type] = {"least_loaded": LeastLoaded}
-
-# Built-in policies in their own modules, imported on first use by make_policy (they
-# import this module, so importing them here at the top would be a cycle).
-_BUILTIN_POLICIES: dict[str, tuple[str, str]] = {
-    "session_affinity": ("inferpool.routing.affinity", "SessionAffinity"),
-    "prefix_aware": ("inferpool.routing.prefix", "PrefixAware"),
-    "power_of_two": ("inferpool.routing.p2c", "PowerOfTwo"),
-}
+POLICIES = registry.POLICIES  # the one list of policy names (inferpool.registry)
 
 
-def _load_builtin_policies() -> None:
-    import importlib
-
-    for name, (module, attr) in _BUILTIN_POLICIES.items():
-        if name not in POLICIES:
-            POLICIES[name] = getattr(importlib.import_module(module), attr)
+def policy_options(config: RouterConfig) -> dict[str, Any]:
+    """The constructor options of the configured policy, from RouterConfig fields."""
+    if config.policy == "session_affinity":
+        return {"abs_threshold": config.affinity_abs_threshold, "rel_threshold": config.affinity_rel_threshold}
+    if config.policy == "prefix_aware":
+        return {
+            "block_size": config.prefix_block_size,
+            "match_threshold": config.prefix_match_threshold,
+            "max_blocks_per_engine": config.prefix_max_blocks_per_engine,
+            "abs_threshold": config.affinity_abs_threshold,
+            "rel_threshold": config.affinity_rel_threshold,
+        }
+    return {}
 
 
 def make_policy(name: str, **options: Any) -> Policy:
-    """Instantiate a policy by its ``RouterConfig.policy`` name.
+    """Instantiate a policy by its ``RouterConfig.policy`` name (or ``module:attr`` target).
 
     ``options`` are passed to the policy's constructor as keywords (each policy
     documents its own); an unknown or invalid option raises ConfigError.
     """
-    from inferpool.errors import ConfigError
-
-    _load_builtin_policies()
-    try:
-        cls = POLICIES[name]
-    except KeyError:
-        raise ConfigError(
-            f"RouterConfig.policy: unknown policy {name!r} (known: {sorted(POLICIES)})",
-            field="policy",
-        ) from None
+    cls = registry.load(registry.resolve_policy(name))
     try:
         policy: Policy = cls(**options)
     except (TypeError, ValueError) as exc:

@@ -1,21 +1,89 @@
-"""The one async interface every engine backend implements.
+"""The one async interface every engine backend implements, and what backends share.
 
 ``generate`` is the only call a backend must provide; lifecycle calls have safe
 defaults here (a log line where the backend cannot do it), so a backend states what
 it supports by overriding them.
+
+Shared by the backends: finish-reason normalisation (:func:`normalize_finish_reason`,
+:func:`normalize_finish`: the one place engine and provider spellings become
+stop/length/abort/tool_calls), prompt-scoring input checks (:func:`check_top_k`) and the
+assembly of scored prompt positions (:func:`build_prompt_logprobs`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from inferpool.errors import RequestError
+from inferpool.errors import BackendError, RequestError
 from inferpool.types import EngineInfo, GenerateRequest, GenerateResult, PromptLogprobs
 
 logger = logging.getLogger(__name__)
 
 PauseMode = Literal["abort", "wait", "keep"]
+
+# Engine and provider spellings of a finish reason -> ours (stop, length, abort, tool_calls).
+_FINISH_ALIASES = {"eos": "stop", "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
+_FINISH_ALIASES.update({"function_call": "tool_calls", "tool_use": "tool_calls", "cancelled": "abort"})
+
+
+def normalize_finish_reason(value: Any, default: str = "stop") -> str:
+    """A finish reason as a plain string: SGLang dicts (``{"type": "length", ...}``) and
+    provider spellings (``end_turn``, ``max_tokens``) map to stop/length/abort/tool_calls.
+
+    ``default`` stands in for a missing reason (null, or a dict without ``type``): engines
+    that report null for an unfinished request pass "abort".
+    """
+    if isinstance(value, Mapping):
+        value = value.get("type") or None
+    if value is None:
+        return default
+    text = str(value).lower()
+    return _FINISH_ALIASES.get(text, text)
+
+
+def normalize_finish(value: Any, default: str = "abort") -> tuple[str, int | str | None]:
+    """A finish reason as (reason, stop_reason): ``stop_reason`` is SGLang's ``matched``
+    (the stop token id or string) when the reason is a dict that carries one.
+
+    ``{"type": "stop", "matched": 2}`` -> ("stop", 2); ``{"type": "length", ...}`` ->
+    ("length", None); ``{"type": "abort", ...}`` and null (unfinished) -> ("abort", None).
+    """
+    matched = value.get("matched") if isinstance(value, Mapping) else None
+    stop_reason = matched if isinstance(matched, int | str) and not isinstance(matched, bool) else None
+    return normalize_finish_reason(value, default), stop_reason
+
+
+def check_top_k(prompt_token_ids: list[int], top_k: int) -> None:
+    """Reject bad scoring input before any engine or HTTP call (RequestError, not retried)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise RequestError(f"top_k: must be an integer >= 1, got {top_k!r}", field="top_k")
+    if not prompt_token_ids:
+        raise RequestError("prompt_token_ids: the prompt is empty", field="prompt_token_ids")
+
+
+def build_prompt_logprobs(
+    prompt: list[int], positions: list[dict[int, float] | None], k: int, source: str
+) -> PromptLogprobs:
+    """Exactly ``k`` (token id, logprob) pairs per prompt position ``i >= 1``, best first.
+
+    ``positions[i]`` maps candidate ids to logprobs; it may hold ``k + 1`` entries (the
+    actual prompt token when it is outside the top k): the top ``k`` by logprob are kept.
+    Position 0 (nothing precedes it) gets empty lists.
+    """
+    if len(positions) != len(prompt):
+        raise BackendError(f"{source}: prompt logprobs for {len(positions)} positions, prompt has {len(prompt)}")
+    top_ids: list[list[int]] = [[]]
+    top_lps: list[list[float]] = [[]]
+    for i in range(1, len(prompt)):
+        pos = positions[i] or {}
+        if len(pos) < k:
+            raise BackendError(f"{source}: prompt position {i} has {len(pos)} logprobs, expected {k}")
+        ranked = sorted(pos.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        top_ids.append([int(t) for t, _ in ranked])
+        top_lps.append([float(lp) for _, lp in ranked])
+    return PromptLogprobs(prompt_tokens=list(prompt), prompt_topk_token_ids=top_ids, prompt_topk_logprobs=top_lps)
 
 
 @runtime_checkable

@@ -7,11 +7,9 @@ injected from the config or at run time: ``raise`` (a BackendError), ``hang`` (n
 answers, so the caller's timeout fires) and ``die`` (the actor process exits).
 
 An optional prefix cache (``prefix_cache_blocks > 0``) models an engine's block-hash
-prefix cache: the sequences it served (prompt, and prompt + each choice's tokens) are cut
-into blocks of ``prefix_block_size`` tokens, hashed as a chain (block *i*'s hash covers
-blocks ``0..i``) and kept in an LRU bounded by ``prefix_cache_blocks`` blocks. A request
-is charged ``prefill_latency_per_token_s`` only for its prompt tokens beyond the longest
-cached prefix of full blocks, so cache reuse (and routing that preserves it) matters.
+prefix cache (:mod:`inferpool.actors.backends.fake_cache`): a request is charged
+``prefill_latency_per_token_s`` only for its prompt tokens beyond the longest cached
+prefix of full blocks, so cache reuse (and routing that preserves it) matters.
 """
 
 from __future__ import annotations
@@ -23,13 +21,12 @@ import math
 import os
 import random
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import Field
 
 from inferpool.actors.backends.base import BaseBackend, PauseMode
+from inferpool.actors.backends.fake_cache import PrefixCache
 from inferpool.config import EngineConfig
 from inferpool.errors import BackendError, RequestError
 from inferpool.types import Choice, EngineInfo, GenerateRequest, GenerateResult
@@ -72,53 +69,6 @@ class FakeEngineOptions(ConfigModel):
     )
 
 
-_PREFIX_ROOT = 0x5F3759DF  # chain seed: the parent "hash" of a sequence's first block
-
-
-def _chain_hashes(token_ids: Sequence[int], block_size: int, start: int = 0, parent: int = _PREFIX_ROOT) -> list[int]:
-    """Chained hashes of the full blocks of ``token_ids`` from block-aligned ``start`` on."""
-    out: list[int] = []
-    h = parent
-    for pos in range(start, len(token_ids) - block_size + 1, block_size):
-        h = hash((h, tuple(token_ids[pos : pos + block_size])))
-        out.append(h)
-    return out
-
-
-class _PrefixCache:
-    """An LRU of chained block hashes: what a block-hash prefix cache would hold."""
-
-    def __init__(self, max_blocks: int, block_size: int) -> None:
-        self.max_blocks = max_blocks
-        self.block_size = block_size
-        self.blocks: OrderedDict[int, None] = OrderedDict()
-        self.query_tokens = 0  # prompt tokens looked up
-        self.hit_tokens = 0  # of which found cached
-
-    def match(self, hashes: Sequence[int]) -> int:
-        """Leading blocks of ``hashes`` held (refreshed as recently used)."""
-        matched = 0
-        for h in hashes:
-            if h not in self.blocks:
-                break
-            self.blocks.move_to_end(h)
-            matched += 1
-        return matched
-
-    def insert(self, hashes: Sequence[int]) -> None:
-        for h in reversed(hashes):  # leaf first, root last: a prefix loses its deepest blocks first
-            self.blocks[h] = None
-            self.blocks.move_to_end(h)
-        while len(self.blocks) > self.max_blocks:
-            self.blocks.popitem(last=False)
-
-    def clear(self) -> None:
-        self.blocks.clear()
-
-    def hit_rate(self) -> float:
-        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
-
-
 def _token_rng(seed: int, prompt: list[int], index: int) -> random.Random:
     digest = hashlib.blake2b(f"{seed}:{index}:{len(prompt)}:{prompt[-64:]}".encode(), digest_size=8).digest()
     return random.Random(int.from_bytes(digest, "little"))
@@ -159,9 +109,9 @@ class FakeBackend(BaseBackend):
         self.decode_steps = 0
         self._gloo: Any = None
         self._digest: dict[str, float] = {}
-        self._prefix_cache: _PrefixCache | None = None
+        self._prefix_cache: PrefixCache | None = None
         if self.options.prefix_cache_blocks:
-            self._prefix_cache = _PrefixCache(self.options.prefix_cache_blocks, self.options.prefix_block_size)
+            self._prefix_cache = PrefixCache(self.options.prefix_cache_blocks, self.options.prefix_block_size)
 
     async def start(self) -> EngineInfo:
         if self.options.max_concurrency:
@@ -255,10 +205,7 @@ class FakeBackend(BaseBackend):
         uncached = len(request.prompt_token_ids)
         cache = self._prefix_cache
         if cache is not None:
-            prompt_hashes = _chain_hashes(request.prompt_token_ids, cache.block_size)
-            cached = cache.match(prompt_hashes) * cache.block_size
-            cache.query_tokens += uncached
-            cache.hit_tokens += cached
+            prompt_hashes, cached = cache.lookup(request.prompt_token_ids)
             uncached -= cached
         prefill = opts.base_latency_s + opts.prefill_latency_per_token_s * uncached
         if prefill:
@@ -317,11 +264,7 @@ class FakeBackend(BaseBackend):
             for c in choices:
                 c.weight_version = c.weight_versions[-1] if c.weight_versions else self.weight_version
         if cache is not None:  # the sampled tokens' full blocks are cached too (as engines do)
-            prompt = list(request.prompt_token_ids)
-            done = len(prompt_hashes) * cache.block_size
-            parent = prompt_hashes[-1] if prompt_hashes else _PREFIX_ROOT
-            for c in choices:
-                cache.insert(prompt_hashes + _chain_hashes(prompt + c.token_ids, cache.block_size, done, parent))
+            cache.insert_continuations(request.prompt_token_ids, prompt_hashes, [c.token_ids for c in choices])
         return choices
 
     def _aborted_choices(self, request: GenerateRequest) -> list[Choice]:

@@ -26,13 +26,12 @@ import ray
 from inferpool.actors.backends.base import PauseMode
 from inferpool.config import PoolConfig, WeightTransferMethod
 from inferpool.errors import RequestError
-from inferpool.ray_utils import await_ref, get_ref
+from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref, get_ref
 from inferpool.weights.groups import as_named_tensors, iter_named_tensors
 from inferpool.weights.trainer import NativeSender, PoolWeightSyncClient
 
 logger = logging.getLogger(__name__)
 
-_CONTROL_TIMEOUT_S = 60.0
 Broadcast = Callable[[str, Callable[[Any], Any], float], Awaitable[dict[str, Any]]]
 
 
@@ -93,7 +92,7 @@ class WeightPusher:
             named = as_named_tensors(weights)
             label, index = await self._record_version(version)
             out = await asyncio.to_thread(self._send_native, named, label, pause_mode, timeout_s, index)
-            await await_ref(self.router.set_latest_weights.remote([], label), _CONTROL_TIMEOUT_S, "router")
+            await await_ref(self.router.set_latest_weights.remote([], label), CONTROL_TIMEOUT_S, "router")
             return {"version": label, "seconds": time.perf_counter() - t0, "method": method, **out}
         if isinstance(weights, ray.ObjectRef):
             refs, nbytes = [weights], 0
@@ -104,7 +103,7 @@ class WeightPusher:
             "update_weights", lambda h: h.update_weights.remote(refs, label, pause_mode, index), timeout_s
         )
         keep = refs if self.config.weight_transfer.keep_latest else []
-        await await_ref(self.router.set_latest_weights.remote(keep, label), _CONTROL_TIMEOUT_S, "router")
+        await await_ref(self.router.set_latest_weights.remote(keep, label), CONTROL_TIMEOUT_S, "router")
         nbytes = nbytes or max((r["bytes"] for r in per_engine.values()), default=0)
         return {
             "version": label,
@@ -117,8 +116,8 @@ class WeightPusher:
 
     async def _record_version(self, version: int | str | None) -> tuple[int | str, int | None]:
         """Register an update with the router: its label and its index in the pool's history."""
-        label: int | str = await await_ref(self.router.record_version.remote(version), _CONTROL_TIMEOUT_S, "router")
-        index: int | None = await await_ref(self.router.version_index.remote(label), _CONTROL_TIMEOUT_S, "router")
+        label: int | str = await await_ref(self.router.record_version.remote(version), CONTROL_TIMEOUT_S, "router")
+        index: int | None = await await_ref(self.router.version_index.remote(label), CONTROL_TIMEOUT_S, "router")
         return label, index
 
     def _send_native(
@@ -145,16 +144,16 @@ class WeightPusher:
 
     def _weight_sender(self, timeout_s: float) -> NativeSender:
         """This process's end of the transfer group, formed (again) when the engines changed."""
-        handles: dict[str, Any] = get_ref(self.router.engines.remote(), _CONTROL_TIMEOUT_S, "router")
+        handles: dict[str, Any] = get_ref(self.router.engines.remote(), CONTROL_TIMEOUT_S, "router")
         if self._sender is not None and self._sender.client.engine_ids == sorted(handles):
             joined = [
-                get_ref(h.weight_transfer_joined.remote(), _CONTROL_TIMEOUT_S, f"engine {eid}")
+                get_ref(h.weight_transfer_joined.remote(), CONTROL_TIMEOUT_S, f"engine {eid}")
                 for eid, h in self._sender.client.engines_by_id()
             ]
             if all(joined):
                 return self._sender
         self.drop_sender()
-        infos = {i.engine_id: i for i in get_ref(self.router.engine_infos.remote(), _CONTROL_TIMEOUT_S, "router")}
+        infos = {i.engine_id: i for i in get_ref(self.router.engine_infos.remote(), CONTROL_TIMEOUT_S, "router")}
         engines = [(eid, handles[eid], infos[eid].transfer_ranks if eid in infos else 1) for eid in sorted(handles)]
         client = PoolWeightSyncClient(engines, "keep", timeout_s)
         self._sender = NativeSender.form(self.config.weight_transfer, client, self.config.engines[0].backend)

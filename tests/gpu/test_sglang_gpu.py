@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from inferpool.actors.backends.sglang import SGLangBackend
+from inferpool.actors.backends.sglang.backend import SGLangBackend
 from inferpool.config import EngineConfig
 from inferpool.tiny_model import EOS_TOKEN, build_tiny_model
 from inferpool.types import EngineInfo, GenerateRequest, SamplingParams

@@ -74,7 +74,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 async def test_generate_and_score_over_http(server: str) -> None:
     import inferpool as ip
-    from inferpool.actors.backends.sglang_http import SGLangHTTPBackend
+    from inferpool.actors.backends.remote.sglang_http import SGLangHTTPBackend
     from inferpool.types import GenerateRequest
 
     backend = SGLangHTTPBackend(ip.EngineConfig(backend="sglang_http", base_url=server), "gpu-http")

@@ -34,6 +34,8 @@ GOALS = {
     "weight_push": 0,
     "state_ref_vs_json": 2,
     "routing_policies": 2,
+    "sessions_vs_raw": 1,
+    "store_turns": 1,
 }
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from inferpool.actors.backends.openai_api import OpenAIBackend
-from inferpool.actors.backends.vllm import VLLMBackend
-from inferpool.actors.backends.vllm_http import VLLMHTTPBackend
+from inferpool.actors.backends.remote.openai_api import OpenAIBackend
+from inferpool.actors.backends.remote.vllm_http import VLLMHTTPBackend
+from inferpool.actors.backends.vllm.backend import VLLMBackend
 from inferpool.config import EngineConfig
 from inferpool.types import GenerateRequest, SamplingParams
 

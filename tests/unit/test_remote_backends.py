@@ -15,12 +15,13 @@ import pytest
 from aiohttp import web
 
 from inferpool.actors.backends import create_backend
+from inferpool.actors.backends.base import normalize_finish_reason
 from inferpool.actors.backends.fake import FakeBackend
-from inferpool.actors.backends.http import RemoteBackend, RemoteHTTPError, normalize_finish_reason
-from inferpool.actors.backends.openai_api import OpenAIBackend
-from inferpool.actors.backends.sglang_http import SGLangHTTPBackend
-from inferpool.actors.backends.trl_http import TRLHTTPBackend
-from inferpool.actors.backends.vllm_http import VLLMHTTPBackend
+from inferpool.actors.backends.remote.http import RemoteBackend, RemoteHTTPError
+from inferpool.actors.backends.remote.openai_api import OpenAIBackend
+from inferpool.actors.backends.remote.sglang_http import SGLangHTTPBackend
+from inferpool.actors.backends.remote.trl_http import TRLHTTPBackend
+from inferpool.actors.backends.remote.vllm_http import VLLMHTTPBackend
 from inferpool.config import EngineConfig
 from inferpool.errors import RequestError
 from inferpool.types import GenerateRequest, SamplingParams

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 import inferpool as ip
 from inferpool.chat import ChatRenderer
-from inferpool.session_tree import SessionTree, coarse_key, fine_match
+from inferpool.message_index import coarse_key, fine_match
+from inferpool.session_tree import SessionTree
 from inferpool.turns import Turn, chat_turn, completion_turn
 from inferpool.types import Choice, GenerateResult, SamplingParams
 

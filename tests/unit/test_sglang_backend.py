@@ -28,12 +28,9 @@ import numpy as np
 import pytest
 
 from inferpool.actors.backends import create_backend
-from inferpool.actors.backends.sglang import (
-    SGLangBackend,
-    SGLangEngineFactory,
-    SGLangEngineHandle,
-    normalize_finish,
-)
+from inferpool.actors.backends.base import normalize_finish
+from inferpool.actors.backends.sglang.backend import SGLangBackend
+from inferpool.actors.backends.sglang.loop import SGLangEngineFactory, SGLangEngineHandle
 from inferpool.config import EngineConfig
 from inferpool.errors import BackendError, ConfigError, RequestError
 from inferpool.types import GenerateRequest, SamplingParams

@@ -28,15 +28,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from inferpool.actors.backends.http import (
+from inferpool.actors.backends.base import build_prompt_logprobs, check_top_k, normalize_finish_reason
+from inferpool.actors.backends.remote.http import (
     DEFAULT_MAX_MODEL_LEN,
     DEFAULT_VOCAB_SIZE,
     RemoteBackend,
     RemoteHTTPError,
-    normalize_finish_reason,
 )
-from inferpool.actors.backends.openai_api import models_info
-from inferpool.actors.backends.vllm import build_prompt_logprobs, check_top_k
+from inferpool.actors.backends.remote.openai_api import models_info
 from inferpool.config import EngineConfig
 from inferpool.errors import BackendError
 from inferpool.types import Choice, EngineInfo, GenerateRequest, GenerateResult, PromptLogprobs

@@ -1,8 +1,10 @@
 """The shared core of the remote backends: one aiohttp session per engine, bearer auth,
 bounded retries, cheap health checks and ``n`` handling.
 
-Every wire format (``openai``, ``vllm_http``, ``sglang_http``, ``trl_http``) subclasses
-:class:`RemoteBackend` and only says how to build a request and read a response.
+Every wire format (``openai``, ``vllm_http``, ``sglang_http``, ``trl_http``; one module
+each beside this one) subclasses :class:`RemoteBackend` and only says how to build a
+request and read a response. Finish reasons are normalised by
+:func:`inferpool.actors.backends.base.normalize_finish_reason`, as for every backend.
 
 Retries. A call makes at most ``max_attempts`` HTTP attempts in all. Only retryable
 faults are retried: connection errors, timeouts, 429 and 5xx. A ``Retry-After`` header
@@ -42,10 +44,6 @@ logger = logging.getLogger(__name__)
 #: Reported when the server does not say (the server validates ids and lengths itself).
 DEFAULT_VOCAB_SIZE = 1 << 31
 DEFAULT_MAX_MODEL_LEN = 1 << 20
-
-_FINISH_ALIASES = {"eos": "stop", "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
-_FINISH_ALIASES.update({"function_call": "tool_calls", "tool_use": "tool_calls", "cancelled": "abort"})
-
 
 class RemoteOptions(ConfigModel):
     """Options of every remote backend, given as ``EngineConfig.engine_kwargs``."""
@@ -96,17 +94,6 @@ class _RetryableStatus(Exception):
 
 
 _RETRYABLE_EXC = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
-
-
-def normalize_finish_reason(value: Any, default: str = "stop") -> str:
-    """A finish reason as a plain string: SGLang dicts (``{"type": "length", ...}``) and
-    provider spellings (``end_turn``, ``max_tokens``) map to stop/length/abort/tool_calls."""
-    if isinstance(value, dict):
-        value = value.get("type")
-    if value is None:
-        return default
-    text = str(value).lower()
-    return _FINISH_ALIASES.get(text, text)
 
 
 def parse_retry_after(value: str | None) -> float | None:

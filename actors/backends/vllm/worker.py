@@ -1,9 +1,10 @@
-"""A vLLM worker extension: load weights handed over as raw tensor bytes.
+"""The vLLM worker extension: load weights handed over as raw tensor bytes.
 
 vLLM mixes this class into its worker (``worker_extension_cls``), so
 ``collective_rpc("inferpool_load_weights", args=(packed,))`` runs the model's own
 ``load_weights`` in every worker process. Tensors travel as (dtype, shape, bytes):
-vLLM's RPC encoding keeps plain bytes intact, not untyped tensors.
+vLLM's RPC encoding keeps plain bytes intact, not untyped tensors. Importing this module
+registers the ``gloo`` weight transfer engine (:mod:`inferpool.actors.backends.vllm.gloo`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 try:  # every vLLM worker process imports this module before its model loads
-    from inferpool.actors.backends.vllm_gloo import register as _register_gloo
+    from inferpool.actors.backends.vllm.gloo import register as _register_gloo
 
     _register_gloo()
 except ImportError:  # vLLM not installed: the pack/unpack helpers still import

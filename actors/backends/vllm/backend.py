@@ -1,4 +1,4 @@
-"""vLLM backend: an ``AsyncLLM`` held in the engine actor's process.
+"""The vLLM backend: an ``AsyncLLM`` held in the engine actor's process.
 
 Token ids in; sampled token ids, the engine's logprob of each sampled token and the
 finish reason out. The engine core runs in vLLM's own subprocess or in this process
@@ -13,17 +13,16 @@ import time
 import uuid
 from typing import Any
 
-from inferpool.actors.backends.base import BaseBackend, PauseMode
+from inferpool.actors.backends.base import (
+    BaseBackend,
+    PauseMode,
+    build_prompt_logprobs,
+    check_top_k,
+    normalize_finish_reason,
+)
 from inferpool.config import EngineConfig
 from inferpool.errors import BackendError, ConfigError, RequestError
-from inferpool.types import (
-    Choice,
-    EngineInfo,
-    GenerateRequest,
-    GenerateResult,
-    PromptLogprobs,
-    SamplingParams,
-)
+from inferpool.types import Choice, EngineInfo, GenerateRequest, GenerateResult, PromptLogprobs, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ _CPU_DEFAULTS: dict[str, Any] = {
     "distributed_executor_backend": "uni",
     "enable_chunked_prefill": False,
 }
-_WORKER_EXTENSION = "inferpool.actors.backends.vllm_worker.InferpoolWorkerExtension"
+_WORKER_EXTENSION = "inferpool.actors.backends.vllm.worker.InferpoolWorkerExtension"
 
 
 def colocated_defaults(num_gpus: float) -> dict[str, Any]:
@@ -100,37 +99,6 @@ def sampled_logprobs(
             ranked = sorted(pos.items(), key=lambda kv: -kv[1].logprob)[:top_k]
             tops.append({int(t): float(lp.logprob) for t, lp in ranked})
     return values, tops
-
-
-def build_prompt_logprobs(
-    prompt: list[int], positions: list[dict[int, float] | None], k: int, source: str
-) -> PromptLogprobs:
-    """Exactly ``k`` (token id, logprob) pairs per prompt position ``i >= 1``, best first.
-
-    ``positions[i]`` maps candidate ids to logprobs; it may hold ``k + 1`` entries (the
-    actual prompt token when it is outside the top k): the top ``k`` by logprob are kept.
-    Position 0 (nothing precedes it) gets empty lists.
-    """
-    if len(positions) != len(prompt):
-        raise BackendError(f"{source}: prompt logprobs for {len(positions)} positions, prompt has {len(prompt)}")
-    top_ids: list[list[int]] = [[]]
-    top_lps: list[list[float]] = [[]]
-    for i in range(1, len(prompt)):
-        pos = positions[i] or {}
-        if len(pos) < k:
-            raise BackendError(f"{source}: prompt position {i} has {len(pos)} logprobs, expected {k}")
-        ranked = sorted(pos.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-        top_ids.append([int(t) for t, _ in ranked])
-        top_lps.append([float(lp) for _, lp in ranked])
-    return PromptLogprobs(prompt_tokens=list(prompt), prompt_topk_token_ids=top_ids, prompt_topk_logprobs=top_lps)
-
-
-def check_top_k(prompt_token_ids: list[int], top_k: int) -> None:
-    """Reject bad scoring input before any HTTP call (RequestError, not retried)."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise RequestError(f"top_k: must be an integer >= 1, got {top_k!r}", field="top_k")
-    if not prompt_token_ids:
-        raise RequestError("prompt_token_ids: the prompt is empty", field="prompt_token_ids")
 
 
 class VLLMBackend(BaseBackend):
@@ -242,7 +210,7 @@ class VLLMBackend(BaseBackend):
                     index=request.choice_offset + c.index,
                     token_ids=token_ids,
                     logprobs=logprobs,
-                    finish_reason=c.finish_reason or "abort",
+                    finish_reason=normalize_finish_reason(c.finish_reason, default="abort"),
                     text=c.text,
                     stop_reason=c.stop_reason,
                     weight_version=versions[-1] if versions else version,
@@ -299,7 +267,7 @@ class VLLMBackend(BaseBackend):
 
     async def load_weights(self, named_tensors: list[tuple[str, Any]]) -> int:
         """Send a chunk to the workers; they reload in place when the version is set."""
-        from inferpool.actors.backends.vllm_worker import pack_tensors
+        from inferpool.actors.backends.vllm.worker import pack_tensors
 
         counts = await self.engine.collective_rpc("inferpool_load_weights", args=(pack_tensors(named_tensors), False))
         self._pending_chunks += 1
@@ -307,7 +275,7 @@ class VLLMBackend(BaseBackend):
 
     async def set_weight_version(self, version: int | str) -> None:
         if self._pending_chunks:
-            from inferpool.actors.backends.vllm_worker import pack_tensors
+            from inferpool.actors.backends.vllm.worker import pack_tensors
 
             await self.engine.collective_rpc("inferpool_load_weights", args=(pack_tensors([]), True))
             self._pending_chunks = 0

@@ -32,7 +32,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from inferpool.actors.backends.http import DEFAULT_MAX_MODEL_LEN, DEFAULT_VOCAB_SIZE, RemoteBackend, RemoteOptions
+from inferpool.actors.backends.remote.http import (
+    DEFAULT_MAX_MODEL_LEN,
+    DEFAULT_VOCAB_SIZE,
+    RemoteBackend,
+    RemoteOptions,
+)
 from inferpool.config import EngineConfig
 from inferpool.errors import BackendError, ConfigError
 from inferpool.types import Choice, EngineInfo, GenerateRequest, GenerateResult

@@ -23,12 +23,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from inferpool.actors.backends.http import (
-    DEFAULT_MAX_MODEL_LEN,
-    DEFAULT_VOCAB_SIZE,
-    RemoteBackend,
-    normalize_finish_reason,
-)
+from inferpool.actors.backends.base import normalize_finish_reason
+from inferpool.actors.backends.remote.http import DEFAULT_MAX_MODEL_LEN, DEFAULT_VOCAB_SIZE, RemoteBackend
 from inferpool.config import EngineConfig
 from inferpool.errors import RequestError
 from inferpool.reasoning import ReasoningConfig, apply_reasoning, detect_provider, strip_control_fields

@@ -1,4 +1,6 @@
-"""The reasoning ("thinking") settings of a request, independent of any provider.
+"""The reasoning ("thinking") settings of a request, independent of any provider (part of
+the configuration floor: ``PoolConfig.reasoning`` holds one; re-exported by
+:mod:`inferpool.reasoning`).
 
 A :class:`ReasoningConfig` says *whether* a model should reason and *how much*; how
 that is spelled on the wire (``reasoning_effort``, ``reasoning: {...}``, Anthropic's

@@ -1,0 +1,188 @@
+"""Managed multi-turn sessions against the same vLLM engine driven directly with token ids.
+
+Workload (one run per conversation length): ``conversations`` conversations in flight,
+``turns`` assistant turns each, ``max_tokens`` sampled per turn (``ignore_eos``, so both
+sides sample the same number of tokens), n=1, temperature 1.0.
+
+- raw: vLLM's ``AsyncLLM`` in a subprocess (:mod:`inferpool.bench.raw_engine`), each
+  conversation a list of token ids: the rendered first prompt, then per turn what was
+  sampled plus the pre-encoded next user turn. The limit: no rendering, no bookkeeping.
+- sessions: ``pool.session()`` + ``s.chat(messages)`` through the pool's engine built
+  from the same ``EngineConfig``; every turn renders only the new messages, records
+  tokens, masks and logprobs, and the client sends the returned message back.
+
+Reported per conversation length: generated tokens/s of both and their ratio, turn latency
+p50/p99, and the CPU seconds per turn of the session stores, the engine actor, the router
+and the driver (read from /proc for the processes of this run). The cost per turn must
+stay flat as conversations grow (3, 12, 30 turns). Goal: sessions >= 0.95 of raw.
+
+Run: python -m inferpool.bench.sessions_vs_raw [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from inferpool.bench.common import ProcessCpu, finish_later, goal, percentile, ratio, result
+from inferpool.bench.common import ensure_ray as bench_ray
+from inferpool.bench.pool_vs_raw import engine_env, omp_threads
+from inferpool.bench.raw_engine import RawEngine
+
+RATIO_GOAL = 0.95
+ENGINE_KWARGS: dict[str, Any] = {"gpu_memory_utilization": 0.1, "max_model_len": 4096}
+USER_TURN = "Continue."
+PROCESSES = ("SessionStore", "EngineActor", "Router")
+
+# size -> (conversations, conversation lengths in turns, tokens per turn, repeats)
+SIZES: dict[str, tuple[int, tuple[int, ...], int, int]] = {
+    "full": (64, (3, 12, 30), 24, 2),
+    "quick": (32, (3, 12), 16, 1),
+    "tiny": (4, (2,), 4, 1),
+}
+
+
+def first_messages(i: int) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": "You are a careful coding assistant."},
+        {"role": "user", "content": f"Task {i}: write a short Python function."},
+    ]
+
+
+def _pool_config(model: str) -> Any:
+    import inferpool as ip
+
+    engine = ip.EngineConfig(backend="vllm", model=model, tokenizer=model, engine_kwargs=dict(ENGINE_KWARGS))
+    engine = engine.model_copy(update={"env_vars": {"OMP_NUM_THREADS": str(omp_threads(engine))}})
+    return ip.PoolConfig(
+        name="bench-sessions-vs-raw",
+        namespace="inferpool-bench",
+        engines=[engine],
+        router=ip.RouterConfig(max_requests_per_engine=4096, eval_requests_per_engine=0),
+        sessions=ip.SessionConfig(shards=2),
+    )
+
+
+async def sessions_path(pool: Any, conversations: int, turns: int, max_tokens: int) -> dict[str, Any]:
+    """Every conversation as a managed session; generated tokens, wall seconds, turn latencies."""
+    latencies: list[float] = []
+    tokens = 0
+
+    async def one(i: int) -> None:
+        nonlocal tokens
+        s = pool.session()
+        messages: list[dict[str, Any]] = first_messages(i)
+        for _ in range(turns):
+            t0 = time.perf_counter()
+            out = await s.chat(messages, max_tokens=max_tokens, temperature=1.0, ignore_eos=True)
+            latencies.append(time.perf_counter() - t0)
+            tokens += len(out.choices[0].token_ids)
+            messages = [*messages, out.choices[0].message.model_dump(exclude_none=True)]
+            messages.append({"role": "user", "content": USER_TURN})
+        await s.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(conversations)))
+    return {"tokens": tokens, "seconds": time.perf_counter() - t0, "latencies": latencies}
+
+
+def raw_inputs(tokenizer_path: str, conversations: int) -> tuple[list[list[int]], list[int]]:
+    """The rendered first prompts and the token ids appended after each sampled turn (the end of
+    the assistant turn, the next user message and the generation prompt)."""
+    from inferpool.chat import ChatRenderer
+
+    renderer = ChatRenderer.from_pretrained(tokenizer_path)
+    firsts = [renderer.render(first_messages(i))[1] for i in range(conversations)]
+    probe = [*first_messages(0), {"role": "assistant", "content": "x"}, {"role": "user", "content": USER_TURN}]
+    suffix = renderer.suffix(probe, 3, ended_with_eos=False)
+    return firsts, renderer.encode(suffix)
+
+
+def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
+    import inferpool as ip
+
+    size = "tiny" if tiny else "quick" if quick else "full"
+    conversations, lengths, max_tokens, repeats = SIZES[size]
+    model = ip.tiny_model()
+    config = _pool_config(model)
+    engine = config.engines[0]
+    log_path = Path(tempfile.mkstemp(prefix="inferpool-bench-sessions-raw-", suffix=".log")[1])
+    raw = RawEngine(engine.model_dump_json(), log_path, env=engine_env(engine))
+    pool: Any = None
+
+    def teardown() -> None:
+        try:
+            raw.request_stop()
+            if pool is not None:
+                pool.shutdown()
+        finally:
+            raw.stop()
+            log_path.unlink(missing_ok=True)
+
+    figures: dict[str, float] = {}
+    samples: dict[str, list[float]] = {}
+    try:
+        bench_ray()
+        pool = ip.Pool.start(config)
+        raw.wait_ready()
+        firsts, suffix = raw_inputs(model, conversations)
+        sampling = {"max_tokens": max_tokens, "temperature": 1.0, "ignore_eos": True}
+        asyncio.run(sessions_path(pool, 4, 2, 4))  # warm-up: store renderers, router, engine
+        raw.sessions(firsts[:4], suffix, 2, {**sampling, "max_tokens": 4})
+        for turns in lengths:
+            raw_rates, pool_rates, raw_lat, pool_lat = [], [], [], []
+            cpu: dict[str, float] = {}
+            for _ in range(repeats):
+                out = raw.sessions(firsts, suffix, turns, sampling)
+                raw_rates.append(out["tokens"] / out["seconds"])
+                raw_lat += out["latencies"]
+                with ProcessCpu(PROCESSES) as meter:
+                    got = asyncio.run(sessions_path(pool, conversations, turns, max_tokens))
+                pool_rates.append(got["tokens"] / got["seconds"])
+                pool_lat += got["latencies"]
+                for name, seconds in meter.seconds.items():
+                    cpu[name] = cpu.get(name, 0.0) + seconds
+            n_turns = conversations * turns * repeats
+            key = f"@{turns}turns"
+            figures[f"raw_tokens_per_s{key}"] = statistics.median(raw_rates)
+            figures[f"sessions_tokens_per_s{key}"] = statistics.median(pool_rates)
+            figures[f"sessions_over_raw{key}"] = ratio(statistics.median(pool_rates), statistics.median(raw_rates))
+            for name, lat in (("raw", raw_lat), ("sessions", pool_lat)):
+                figures[f"{name}_turn_p50_s{key}"] = percentile(lat, 50)
+                figures[f"{name}_turn_p99_s{key}"] = percentile(lat, 99)
+            for name, seconds in cpu.items():
+                figures[f"cpu_ms_per_turn_{name}{key}"] = 1000.0 * seconds / n_turns
+            samples[key] = [round(v, 1) for v in raw_rates + pool_rates]
+    except BaseException:
+        teardown()
+        raise
+    finish_later(teardown, "sessions_vs_raw")
+    worst = min(figures[f"sessions_over_raw@{t}turns"] for t in lengths)
+    goals = [goal("sessions / raw tokens/s (worst conversation length)", worst, ">=", RATIO_GOAL)]
+    params = {
+        "conversations": conversations,
+        "turns": list(lengths),
+        "tokens_per_turn": max_tokens,
+        "repeats": repeats,
+        "engine": {"model": model, **ENGINE_KWARGS},
+        "session_shards": config.sessions.shards,
+        "samples_tokens_per_s_raw_then_sessions": samples,
+    }
+    notes = [
+        "raw = AsyncLLM in a subprocess with token ids and a pre-encoded user turn; sessions = "
+        "pool.session() + s.chat(messages) on the same engine config",
+        "cpu_ms_per_turn_*: CPU of those processes of this run (the driver is Driver) per session turn",
+    ]
+    return result("sessions_vs_raw", params, figures, goals, notes)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from inferpool.bench.runner import main as _main
+
+    raise SystemExit(_main(["--only", "sessions_vs_raw", *sys.argv[1:]]))

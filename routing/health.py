@@ -1,0 +1,165 @@
+"""The router's health checks: periodic cheap probes of every engine (no generation), a
+circuit that opens when an engine fails and closes when a probe passes again, engines that
+Ray restarted brought back (backend started, the latest weights loaded), and, after the
+router actor itself was restarted, the registry rebuilt from the pool's named actors.
+
+:class:`HealthChecks` is mixed into :class:`~inferpool.routing.router.Router`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import Any
+
+import ray
+
+from inferpool.config import PoolConfig, RouterConfig
+from inferpool.routing.policy import EngineSlot
+from inferpool.types import EngineInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(slots=True)
+class EngineEntry:
+    """The router's record of one engine."""
+
+    slot: EngineSlot
+    handle: Any
+    info: EngineInfo
+    group: int = 0
+    failures: int = 0
+    prefix_cache_hit_rate: float | None = None
+    last_error: str = ""
+
+
+
+def _as_future(ref: Any) -> Any:
+    """An ObjectRef as an asyncio future (so wait_for can cancel the wait)."""
+    if isinstance(ref, ray.ObjectRef):
+        return asyncio.wrap_future(ref.future())
+    return ref
+
+
+class HealthChecks:
+    """Health probing of a router's engines (expects the router's registry attributes)."""
+
+    config: RouterConfig
+    pool_config: PoolConfig | None
+    _engines: dict[str, EngineEntry]
+    _stores: list[Any]
+    _health_task: asyncio.Task[None] | None
+    _latest_weights: tuple[list[Any], int | str] | None
+    _versions: dict[str, int]
+
+    async def _notify(self) -> None:
+        raise NotImplementedError
+
+    async def register(
+        self, info: EngineInfo, handle: Any, capacity: int | None = None, eval_quota: int | None = None, group: int = 0
+    ) -> None:
+        raise NotImplementedError
+
+    def _reap_expired_leases(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Start the background health checks (idempotent). After a restart of the router
+        actor (Ray re-runs only the constructor) the first call also rebuilds the registry
+        from the pool's named engine and session-store actors."""
+        if self._health_task is None or self._health_task.done():
+            self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+            if not self._engines and self.pool_config is not None:
+                await self._rediscover()
+
+    async def _rediscover(self) -> None:
+        assert self.pool_config is not None
+        name, namespace = self.pool_config.name, self.pool_config.namespace
+        actors = await asyncio.wait_for(
+            asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True), self.config.health_timeout_s
+        )
+        engines, stores = [], []
+        for entry in actors:
+            if entry.get("namespace") != namespace:
+                continue
+            actor_name = entry.get("name", "")
+            if actor_name.startswith(f"{name}:engine:"):
+                engines.append(actor_name)
+            elif actor_name.startswith(f"{name}:sessions:"):
+                stores.append(actor_name)
+        for actor_name in engines:
+            try:
+                handle = await asyncio.to_thread(ray.get_actor, actor_name, namespace)
+                info = await asyncio.wait_for(_as_future(handle.get_info.remote()), self.config.health_timeout_s)
+            except Exception:  # an engine that is gone or broken stays out
+                logger.warning("router: could not re-register %s", actor_name, exc_info=True)
+                continue
+            if info is not None:
+                await self.register(info, handle)
+        if stores:
+            ordered = sorted(stores, key=lambda n: int(n.rsplit(":", 1)[1]))
+            self._stores = [await asyncio.to_thread(ray.get_actor, n, namespace) for n in ordered]
+        logger.info("router: rebuilt registry with %d engines and %d session stores", len(self._engines), len(stores))
+
+    async def _ensure_started(self) -> None:
+        if self._health_task is None:
+            await self.start()
+
+    async def _probe(self, engine_id: str, engine: EngineEntry) -> None:
+        try:
+            healthy = await asyncio.wait_for(_as_future(engine.handle.health.remote()), self.config.health_timeout_s)
+            if healthy is False:  # the actor was restarted by Ray: load its backend again
+                logger.info("router: engine %s restarted; starting its backend", engine_id)
+                await asyncio.wait_for(_as_future(engine.handle.start.remote()), self.config.health_timeout_s * 30)
+                if self._latest_weights is not None:  # serve the current weights, not the checkpoint's
+                    chunks, version = self._latest_weights
+                    index = self._versions.get(str(version))
+                    await asyncio.wait_for(
+                        _as_future(engine.handle.update_weights.remote(chunks, version, None, index)),
+                        self.config.health_timeout_s * 30,
+                    )
+        except Exception as exc:  # any failure of the probe counts against the engine
+            engine.failures += 1
+            engine.last_error = f"health check failed: {type(exc).__name__}: {exc}"[:300]
+            if engine.slot.healthy and engine.failures >= self.config.unhealthy_after:
+                logger.warning("router: engine %s unhealthy: %s", engine_id, engine.last_error)
+                engine.slot.healthy = False
+                await self._notify()
+            return
+        engine.failures = 0
+        await self._read_engine_stats(engine)
+        if not engine.slot.healthy:
+            logger.info("router: engine %s healthy again", engine_id)
+            engine.slot.healthy = True
+            engine.last_error = ""
+            await self._notify()
+
+    async def _read_engine_stats(self, engine: EngineEntry) -> None:
+        """Queue length and KV-cache use as the engine reports them (used to break ties)."""
+        stats_method = getattr(engine.handle, "stats", None)
+        if stats_method is None:
+            return
+        try:
+            st = await asyncio.wait_for(_as_future(stats_method.remote()), self.config.health_timeout_s)
+        except Exception:  # stats are advisory: a failure here does not make the engine unhealthy
+            logger.debug("router: stats of %s unavailable", engine.info.engine_id, exc_info=True)
+            return
+        engine.slot.queue_len = int(getattr(st, "queue_len", 0) or 0)
+        engine.slot.kv_cache_usage = getattr(st, "kv_cache_usage", None)
+        engine.prefix_cache_hit_rate = getattr(st, "prefix_cache_hit_rate", None)
+
+    async def check_health(self) -> dict[str, bool]:
+        """Probe every engine once now; returns engine_id -> healthy."""
+        await asyncio.gather(*(self._probe(eid, e) for eid, e in list(self._engines.items())))
+        return {eid: e.slot.healthy for eid, e in self._engines.items()}
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            try:
+                await self.check_health()
+                self._reap_expired_leases()
+            except Exception:  # the loop must survive anything a probe does
+                logger.exception("router: health loop iteration failed")
