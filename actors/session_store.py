@@ -25,17 +25,18 @@ import ray
 
 from inferpool.chat import ChatRenderer, load_renderer, validate_messages
 from inferpool.config import PoolConfig
-from inferpool.errors import SessionError, SessionExpiredError, SessionNotFoundError, StaleSessionError
+from inferpool.errors import InferpoolError, SessionError, SessionExpiredError, SessionNotFoundError
 from inferpool.log import setup_logging
 from inferpool.metrics import MetricsRegistry
 from inferpool.openai_types import ChatCompletion, Completion
-from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref
 from inferpool.reasoning import ReasoningConfig
 from inferpool.replies import template_kwargs_for
 from inferpool.routing.dispatch import Dispatcher
 from inferpool.sequences import SessionOptions, SessionState
-from inferpool.session_tree import Segment, SessionTree
-from inferpool.turns import Stale, Turn, chat_turn, completion_turn, placeholder_chat_turn, render_key
+from inferpool.session_sync import SegmentWire, adopt, export
+from inferpool.session_tree import SessionTree
+from inferpool.staleness import staleness_check
+from inferpool.turns import Turn, chat_turn, completion_turn, placeholder_chat_turn, render_key
 from inferpool.types import Split
 
 logger = logging.getLogger(__name__)
@@ -141,16 +142,19 @@ class SessionStore:
                 entry.last_used = time.monotonic()
                 done = await turn(entry)
                 entry.tree.record(done.segments)
-                if done.ambiguous:
-                    self.ambiguous_total += 1
-                    entry.tree.ambiguous_turns += 1
-                if done.rerendered:
-                    self.rerendered_total += 1
-                    entry.tree.rerendered_turns += 1
+                self._count(entry, done.ambiguous, done.rerendered)
                 return done.response
         finally:
             entry.busy -= 1
             entry.last_used = time.monotonic()
+
+    def _count(self, entry: _Entry, ambiguous: bool, rerendered: bool) -> None:
+        if ambiguous:
+            self.ambiguous_total += 1
+            entry.tree.ambiguous_turns += 1
+        if rerendered:
+            self.rerendered_total += 1
+            entry.tree.rerendered_turns += 1
 
     # -- placeholder mode (text-only engines) -----------------------------------------
     def _placeholders_allowed(self) -> bool:
@@ -165,35 +169,6 @@ class SessionStore:
                 "stateless calls, or opt in to text with placeholder tokens (not trainable, not token-exact) "
                 "with SessionConfig.allow_placeholder_tokens=True or INFERPOOL_ALLOW_PLACEHOLDER_TOKENS=1"
             )
-
-    # -- staleness --------------------------------------------------------------------
-    async def _stale_check(self, tree: SessionTree) -> Stale | None:
-        """A check for RouterConfig.max_staleness: raises (reject) or returns True (requeue).
-        Called under the session's lock, so a turn is checked against the weight versions it
-        will extend when it runs, not those it saw when it queued."""
-        bound = self.config.router.max_staleness
-        if bound is None:
-            return None
-        versions: dict[str, int] = await await_ref(self.router.versions.remote(), CONTROL_TIMEOUT_S, "router")
-        current = max(versions.values(), default=0)
-        policy = self.config.router.staleness_policy
-
-        def stale(seg: Segment) -> bool:
-            sampled = tree.sampled_versions(seg)
-            if not sampled:
-                return False
-            oldest = min(versions.get(str(v), 0) for v in sampled)
-            if current - oldest <= bound:
-                return False
-            if policy == "reject":
-                raise StaleSessionError(
-                    f"session {tree.session_id}, node {seg.node_id}: its earliest sampled tokens are "
-                    f"{current - oldest} weight updates old, more than RouterConfig.max_staleness={bound}"
-                )
-            logger.info("session node %s is stale (%d updates): requeued", seg.node_id, current - oldest)
-            return True
-
-        return stale
 
     # -- turns ------------------------------------------------------------------------
     async def chat(
@@ -246,7 +221,7 @@ class SessionStore:
                 tree=entry.tree,
                 split=split,
                 model_name=self.config.model_name(),
-                stale=await self._stale_check(entry.tree),
+                stale=await staleness_check(self.router, self.config.router, entry.tree),
                 extends=extends,
                 continue_final=continue_final,
             )
@@ -276,7 +251,7 @@ class SessionStore:
                 tree=entry.tree,
                 split=split,
                 model_name=self.config.model_name(),
-                stale=await self._stale_check(entry.tree),
+                stale=await staleness_check(self.router, self.config.router, entry.tree),
                 extends=extends,
             )
 
@@ -327,6 +302,34 @@ class SessionStore:
             return 0
         self._get(session_id, None)
         return await self.dispatcher.abort_session(session_id)
+
+    # -- turns run by the caller (SessionConfig.turns_in_caller) -----------------------------
+    async def record_batch(
+        self, items: list[tuple[str, SessionOptions | None, list[SegmentWire], bool, bool]]
+    ) -> list[InferpoolError | None]:
+        """Adopt turns callers ran: ``(session_id, create, segments, ambiguous, rerendered)`` each,
+        checked (each segment extends a sequence the session holds, arrays aligned) and recorded
+        as one turn; an item that fails gets its error, the others are recorded."""
+        out: list[InferpoolError | None] = []
+        for session_id, create, wires, ambiguous, rerendered in items:
+            try:
+                entry = self._get(session_id, create)
+                adopt(entry.tree, wires)
+            except InferpoolError as exc:
+                out.append(exc)
+                continue
+            entry.last_used = time.monotonic()
+            self._count(entry, ambiguous, rerendered)
+            out.append(None)
+        return out
+
+    async def export(
+        self, session_id: str, create: SessionOptions | None = None
+    ) -> tuple[bool, int, list[SegmentWire]]:
+        """The session's history for a caller's mirror: (track_tree, turns, segments)."""
+        entry = self._get(session_id, create)
+        entry.last_used = time.monotonic()
+        return entry.tree.track_tree, entry.tree.turns, export(entry.tree)
 
     async def get_state(self, session_id: str, create: SessionOptions | None = None) -> SessionState:
         entry = self._get(session_id, create)

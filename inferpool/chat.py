@@ -109,6 +109,9 @@ class ChatRenderer:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        # a fast tokenizer's Rust backend, called directly: transformers' encode goes through
+        # encode_batch, whose thread pool costs more than the encoding of a short suffix
+        self._backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
         self.eos_token_id: int | None = tokenizer.eos_token_id
         self.eos_text: str = tokenizer.eos_token or ""
 
@@ -141,6 +144,8 @@ class ChatRenderer:
         return str(text)
 
     def encode(self, text: str) -> list[int]:
+        if self._backend is not None:
+            return list(self._backend.encode(text, add_special_tokens=False).ids)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Sequence[int]) -> str:

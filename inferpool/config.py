@@ -230,6 +230,14 @@ class SessionConfig(ConfigModel):
         description="Allow sessions on backends without token ids (hosted APIs), recording text "
         "with placeholder tokens. Also enabled by INFERPOOL_ALLOW_PLACEHOLDER_TOKENS=1.",
     )
+    turns_in_caller: bool = Field(
+        True,
+        description="Where the turns of a session made with pool.session() run: in the caller's process "
+        "(it keeps a mirror of the session, renders only the new messages and calls the engine itself; "
+        "the store checks and records what each turn added, so store CPU scales with the callers), or "
+        "in the store (False). Handles on existing sessions (existing=True, the HTTP ingress) always "
+        "run their turns in the store.",
+    )
 
 
 WeightTransferMethod = Literal["object_store", "nccl", "ipc", "gloo"]

@@ -27,6 +27,7 @@ from inferpool.log import setup_logging
 from inferpool.openai_types import ChatCompletion, Completion
 from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref, ensure_ray, get_ref
 from inferpool.reasoning import ReasoningConfig
+from inferpool.routing.batching import CallBatcher, LoopLocal
 from inferpool.routing.dispatch import Dispatcher
 from inferpool.sequences import is_session_id, new_session_id, shard_of
 from inferpool.stats import pool_metrics, pool_stats
@@ -73,6 +74,7 @@ class Pool:
         self.fleet = Fleet(config, router)
         self._weights = WeightPusher(config, router, self.fleet.broadcast)
         self._renderer: ChatRenderer | None = None
+        self._recorders: dict[int, LoopLocal[CallBatcher]] = {}
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -300,6 +302,17 @@ class Pool:
     def session_store(self, session_id: str) -> Any:
         """The store actor that owns a session id."""
         return self._stores[shard_of(session_id, len(self._stores))]
+
+    def session_recorder(self, session_id: str) -> CallBatcher:
+        """Records of turns run in this process, to the session's store: one call per event-loop
+        turn carries every session's record for that store."""
+        shard = shard_of(session_id, len(self._stores))
+        if shard not in self._recorders:
+            store = self._stores[shard]
+            self._recorders[shard] = LoopLocal(
+                lambda: CallBatcher(store.record_batch.remote, CONTROL_TIMEOUT_S, "session store record")
+            )
+        return self._recorders[shard].get()
 
     def session_stores(self) -> list[Any]:
         """The SessionStore actor handles, in shard order."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -43,12 +43,28 @@ def typed_errors(what: str) -> Iterator[None]:
         raise EngineTimeoutError(f"{what}: no answer in time") from exc
 
 
+async def bounded(aw: Awaitable[T], timeout_s: float | None) -> T:
+    """``await aw`` for at most ``timeout_s`` seconds (then ``aw`` is cancelled and
+    asyncio.TimeoutError raised). Unlike ``asyncio.wait_for`` on Python 3.11, a cancellation
+    of the caller is never swallowed when ``aw`` finishes at the same moment, so a cancelled
+    caller always stops where it was cancelled."""
+    fut = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait({fut}, timeout=timeout_s)
+    except asyncio.CancelledError:
+        fut.cancel()
+        raise
+    if not done:
+        fut.cancel()
+        raise asyncio.TimeoutError
+    return fut.result()
+
+
 async def await_ref(ref: ray.ObjectRef, timeout_s: float | None, what: str) -> Any:
     """Await an ObjectRef with a timeout; cancels the remote task on timeout or cancellation."""
-    fut = asyncio.wrap_future(ref.future())
     try:
         with typed_errors(what):
-            return await asyncio.wait_for(fut, timeout=timeout_s)
+            return await bounded(asyncio.wrap_future(ref.future()), timeout_s)
     except asyncio.TimeoutError:
         _cancel(ref)
         raise EngineTimeoutError(f"{what}: no answer within {timeout_s}s") from None

@@ -7,12 +7,24 @@ synchronous Ray task). Every call carries the session's creation options, and th
 creates the session on the first call that reaches it (idempotently), so a handle stays
 usable whatever its first call did: failed, raced with another, or was cancelled.
 A handle made with ``existing=True`` never creates: an unknown id raises.
+
+Where a turn runs (``SessionConfig.turns_in_caller``): a handle made by ``pool.session()``
+runs its turns here, in the caller's process — it keeps a mirror of the session's history
+(fetched from the store on first use), renders only the new messages, dispatches through
+the pool's own :class:`~inferpool.routing.dispatch.Dispatcher`, and sends the store what
+each turn added, where it is checked and recorded (records of concurrent sessions travel
+together, one call per event-loop turn). The store stays the owner: ``state()`` and
+``state_ref()`` read it. Handles on existing sessions run their turns in the store.
+Use one handle per session per process: turns of a handle are serialized, two handles in
+one process would each keep their own mirror.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +33,12 @@ import ray
 from inferpool.openai_types import ChatCompletion, Completion
 from inferpool.ray_utils import await_ref
 from inferpool.reasoning import ReasoningConfig
+from inferpool.routing.batching import LoopLocal
 from inferpool.sequences import SessionOptions, SessionState
+from inferpool.session_sync import rebuild, to_wire
+from inferpool.session_tree import SessionTree
+from inferpool.staleness import staleness_check
+from inferpool.turns import Stale, Turn, chat_turn, completion_turn
 from inferpool.types import Split
 
 if TYPE_CHECKING:
@@ -41,6 +58,47 @@ class Session:
         self._store = store
         self._options = options
         self._existing = existing  # never create: the session was made elsewhere
+        self._local = not existing and pool.config.sessions.turns_in_caller
+        self._mirror: SessionTree | None = None  # turns run here: the session's history, as the store has it
+        self._lock: LoopLocal[asyncio.Lock] = LoopLocal(asyncio.Lock)
+        self.busy = 0  # turns of this handle running here or waiting for its lock
+
+    async def _here(self) -> bool:
+        """Whether this call's turn runs in this process (text-only engines: in the store)."""
+        return self._local and not await self.pool.dispatcher.engines.text_only()
+
+    async def _run_here(self, run: Callable[[SessionTree, Stale | None], Awaitable[Turn]]) -> Any:
+        """A turn in this process: under this handle's lock, on the mirror; the store checks
+        and records what it added before the mirror does (a failed turn changes nothing)."""
+        self.busy += 1
+        try:
+            return await self._locked(run)
+        finally:
+            self.busy -= 1
+
+    async def _locked(self, run: Callable[[SessionTree, Stale | None], Awaitable[Turn]]) -> Any:
+        async with self._lock.get():
+            if self._mirror is None:
+                track, turns, wires = await self._call(self._store.export.remote(self.session_id, self._create()))
+                self._mirror = rebuild(self.session_id, track, turns, wires)
+            tree = self._mirror
+            done = await run(tree, await staleness_check(self.pool.router, self.pool.config.router, tree))
+            # the store checks and records what the turn added (records of concurrent turns travel
+            # together) before the mirror does, so a turn the store refuses changes nothing
+            wires = [to_wire(tree, seg) for seg in done.segments]
+            record = (self.session_id, self._create(), wires, done.ambiguous, done.rerendered)
+            try:
+                await self.pool.session_recorder(self.session_id).submit(record)
+            except BaseException:
+                self._mirror = None  # the store may hold more or less than the mirror now: fetch it again
+                raise
+            tree.record(done.segments)
+            return done.response
+
+    async def _renderer(self) -> Any:
+        if self.pool._renderer is not None:
+            return self.pool._renderer
+        return await asyncio.to_thread(self.pool.renderer)
 
     def _create(self) -> SessionOptions | None:
         """The options a call sends so the store creates the session if it is new."""
@@ -73,6 +131,31 @@ class Session:
         ``continue_final_message=True`` a continuation of that message.
         """
         reasoning = self.pool.effective_reasoning(reasoning, skip_reasoning)
+        if await self._here():
+            renderer = await self._renderer()
+
+            async def run(tree: SessionTree, stale: Stale | None) -> Turn:
+                return await chat_turn(
+                    self.pool.dispatcher,
+                    renderer,
+                    messages,
+                    n=n,
+                    sampling=sampling,
+                    tools=tools,
+                    tool_choice=tool_choice,
+                    tool_parser=self._options.tool_parser,
+                    reasoning=reasoning,
+                    chat_template_kwargs=chat_template_kwargs,
+                    tree=tree,
+                    split=split,
+                    model_name=self.pool.model_name(),
+                    stale=stale,
+                    extends=extends,
+                    continue_final=continue_final_message,
+                )
+
+            local: ChatCompletion = await self._run_here(run)
+            return local
         out: ChatCompletion = await self._call(
             self._store.chat.remote(
                 self.session_id,
@@ -103,6 +186,25 @@ class Session:
     ) -> Completion:
         """One completion turn: extends the recorded completion whose prompt + text is the
         longest prefix of ``prompt`` (or exactly ``extends``, a choice's ``node_id``)."""
+        if await self._here():
+            renderer = await self._renderer()
+
+            async def run(tree: SessionTree, stale: Stale | None) -> Turn:
+                return await completion_turn(
+                    self.pool.dispatcher,
+                    renderer,
+                    prompt,
+                    n=n,
+                    sampling=sampling,
+                    tree=tree,
+                    split=split,
+                    model_name=self.pool.model_name(),
+                    stale=stale,
+                    extends=extends,
+                )
+
+            local: Completion = await self._run_here(run)
+            return local
         out: Completion = await self._call(
             self._store.complete.remote(self.session_id, self._create(), prompt, n, sampling, split, extends)
         )
@@ -149,16 +251,19 @@ class Session:
         """Abort this session's in-flight requests: a running turn returns at once with finish
         reason ``abort`` and the tokens sampled so far, which the session records. Returns how
         many requests were aborted (0 when nothing was running)."""
+        here = await self.pool.dispatcher.abort_session(self.session_id)  # turns run in this process
         ref = self._store.abort.remote(self.session_id, missing_ok=not self._existing)
-        return int(await await_ref(ref, self.pool.session_timeout_s(), f"session {self.session_id}"))
+        return here + int(await await_ref(ref, self.pool.session_timeout_s(), f"session {self.session_id}"))
 
     async def reset(self) -> None:
         """Drop every stored sequence (the session stays open)."""
         await self._call(self._store.reset.remote(self.session_id, self._create()))
+        self._mirror = None
 
     async def close(self) -> None:
         """Forget the session and its state (idempotent)."""
         await self._call(self._store.close.remote(self.session_id))
+        self._mirror = None
 
     async def __aenter__(self) -> Session:
         if not self._existing:

@@ -143,9 +143,8 @@ class SessionTree:
         self.rerendered_turns = 0
         self._labels: list[Any] = []
         self._label_at: dict[tuple[str, Any], int] = {}
-        self._by_id: dict[str, Segment] = {}  # node id -> segment (a dropped duplicate's id: its twin)
+        self._by_id: dict[str, Segment] = {}
         self._order: list[Segment] = []
-        self._kids: dict[str | None, list[Segment]] = {}  # parent node id -> recorded children
         self._messages: MessageIndex[Segment] = MessageIndex()
         self._texts: TextIndex[Segment] = TextIndex()
         self._seq = itertools.count(1)
@@ -153,6 +152,17 @@ class SessionTree:
     # -- reading ----------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._order)
+
+    def segments(self) -> list[Segment]:
+        """Every recorded segment, in recording order (parents before children)."""
+        return list(self._order)
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._by_id
+
+    def labels(self, indices: Sequence[int]) -> list[Any]:
+        """The weight-version labels at these indices of this tree's table."""
+        return [self._labels[i] for i in indices]
 
     def get(self, node_id: str, field: str = "extends") -> Segment:
         seg = self._by_id.get(node_id)
@@ -320,15 +330,10 @@ class SessionTree:
         )
 
     def record(self, segments: Sequence[Segment]) -> None:
-        """Add one turn's segments. Tree mode keeps every distinct sequence: a segment with the
-        very same tokens as a sibling is kept once, its node id naming the twin."""
+        """Add one turn's segments (every one, duplicates included: any returned node id can be
+        extended; tree mode's view shows each distinct sequence once)."""
         parents: dict[int, np.ndarray] = {}
         for seg in segments:
-            twin = self._twin(seg) if self.track_tree else None
-            if twin is not None:
-                self._by_id[seg.node_id] = twin
-                self._index(seg, twin)
-                continue
             parent = seg.parent
             if parent is not None:
                 key = id(parent)
@@ -340,47 +345,42 @@ class SessionTree:
             seg.seq = next(self._seq)
             self._by_id[seg.node_id] = seg
             self._order.append(seg)
-            self._kids.setdefault(seg.parent.node_id if seg.parent else None, []).append(seg)
-            self._index(seg, seg)
-            if seg.parent is not None:
-                seg.parent.children += 1
+            if seg.messages is not None:
+                seg._end = self._messages.add(parent._end if parent is not None else None, seg.messages, seg)
+            if seg.match_text is not None:
+                self._texts.add(seg.match_text, seg)
+            if parent is not None:
+                parent.children += 1
         for seg in segments:
             if seg.parent is not None:
                 seg.parent._full = None  # no longer a leaf: its tokens are rebuilt on demand
         self.turns += 1
 
-    def _twin(self, seg: Segment) -> Segment | None:
-        for sibling in self._kids.get(seg.parent.node_id if seg.parent else None, ()):
-            if len(sibling.tokens) == len(seg.tokens) and np.array_equal(sibling.tokens, seg.tokens):
-                return sibling
-        return None
-
-    def _index(self, seg: Segment, target: Segment) -> None:
-        """Index ``seg``'s messages / text as leading to ``target`` (itself, or its twin)."""
-        if seg.messages is not None:
-            start = seg.parent._end if seg.parent is not None else None
-            end = self._messages.add(start, seg.messages, target)
-            target._end = target._end or end
-        if seg.match_text is not None:
-            self._texts.add(seg.match_text, target)
-
     def reset(self) -> None:
         """Forget every recorded sequence (the session stays)."""
         fresh = SessionTree(self.session_id, self.track_tree)
-        for name in ("_labels", "_label_at", "_by_id", "_order", "_kids", "_messages", "_texts"):
+        for name in ("_labels", "_label_at", "_by_id", "_order", "_messages", "_texts"):
             setattr(self, name, getattr(fresh, name))
         self.turns = 0
 
     # -- the view -----------------------------------------------------------------------
     def visible(self) -> list[Segment]:
         """List mode: the sequences nothing extended (an extension replaces its parent in the
-        view); tree mode: every recorded sequence. In recording order."""
-        if self.track_tree:
-            return list(self._order)
-        return [s for s in self._order if s.children == 0]
+        view); tree mode: every distinct sequence (a choice with the very same tokens as an
+        earlier sibling is shown once). In recording order."""
+        if not self.track_tree:
+            return [s for s in self._order if s.children == 0]
+        canon = self._canonical()
+        return [s for s in self._order if canon[s.node_id] is s]
 
-    def node(self, seg: Segment) -> SequenceNode:
-        """``seg``'s whole sequence as a :class:`SequenceNode` (copies of its arrays)."""
+    def _canonical(self) -> dict[str, Segment]:
+        """node id -> the first recorded sibling with the very same tokens (itself if none)."""
+        first: dict[tuple[int, bytes], Segment] = {}
+        return {s.node_id: first.setdefault((id(s.parent), s.tokens.tobytes()), s) for s in self._order}
+
+    def node(self, seg: Segment, canonical: dict[str, Segment] | None = None) -> SequenceNode:
+        """``seg``'s whole sequence as a :class:`SequenceNode` (copies of its arrays); tree
+        mode names a duplicate parent by the sibling the view shows."""
         chain = seg.chain()
         node = SequenceNode(
             node_id=seg.node_id,
@@ -391,7 +391,7 @@ class SessionTree:
             metadata=seg.metadata,
             messages=self.path_messages(seg) if seg.messages is not None else None,
             match_text=seg.match_text,
-            parent_id=seg.parent.node_id if seg.parent is not None else None,
+            parent_id=(canonical or {}).get(seg.parent.node_id, seg.parent).node_id if seg.parent else None,
             ended_with_eos=seg.ended_with_eos,
             version_index=np.concatenate([s.versions for s in chain]),
             version_labels=list(self._labels),
@@ -400,9 +400,10 @@ class SessionTree:
         return node
 
     def state(self) -> SessionState:
+        canonical = self._canonical() if self.track_tree else None
         return SessionState(
             session_id=self.session_id,
-            nodes=[self.node(s) for s in self.visible()],
+            nodes=[self.node(s, canonical) for s in self.visible()],
             track_tree=self.track_tree,
             turns=self.turns,
         )

@@ -101,16 +101,19 @@ def check_prompt(prompt_token_ids: Any, vocab: int, ctx: int, field: str = "prom
     ids = list(prompt_token_ids)
     if not ids:
         raise RequestError(f"{field}: the prompt is empty", field=field)
-    for pos, tok in enumerate(ids):
-        if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or not 0 <= int(tok) < vocab:
-            raise RequestError(
-                f"{field}[{pos}]: {tok!r} is not a token id of this model's vocabulary [0, {vocab})", field=field
-            )
     if len(ids) >= ctx:
         raise RequestError(
             f"{field}: {len(ids)} tokens leave no room to generate within the model's context of {ctx} tokens",
             field=field,
         )
+    arr = np.asarray(ids) if not isinstance(prompt_token_ids, np.ndarray) else prompt_token_ids
+    if arr.ndim == 1 and arr.dtype.kind in "iu" and 0 <= arr.min() and arr.max() < vocab:
+        return arr.tolist()  # the common case, checked in C (a prompt may be thousands of ids)
+    for pos, tok in enumerate(ids):  # find and name the bad one
+        if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or not 0 <= int(tok) < vocab:
+            raise RequestError(
+                f"{field}[{pos}]: {tok!r} is not a token id of this model's vocabulary [0, {vocab})", field=field
+            )
     return [int(t) for t in ids]
 
 

@@ -34,9 +34,9 @@ def _consume(fut: asyncio.Future[Any]) -> None:
 class CallBatcher:
     """One batch call per loop turn: ``send(items) -> ObjectRef[list[result | Exception]]``.
 
-    A result whose caller stopped waiting is dropped here: callers that acquire
-    something through a batcher give it back by their own key (see the dispatcher's
-    lease tickets), never by the result they may not have seen.
+    A result whose caller stopped waiting is dropped here: callers that acquire something
+    through a batcher give it back by their own key (see the dispatcher's lease tickets),
+    never by the result they may not have seen.
     """
 
     def __init__(self, send: Callable[[list[Any]], ray.ObjectRef], timeout_s: float, what: str) -> None:
@@ -44,7 +44,7 @@ class CallBatcher:
         self._timeout_s = timeout_s
         self._what = what
         self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
-        self._scheduled = False
+        self._scheduled: asyncio.Handle | None = None
         self._inflight: set[asyncio.Task[None]] = set()
 
     def enqueue(self, item: Any) -> asyncio.Future[Any]:
@@ -53,24 +53,31 @@ class CallBatcher:
         fut: asyncio.Future[Any] = loop.create_future()
         fut.add_done_callback(_consume)
         self._pending.append((item, fut))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
+        if self._scheduled is None:
+            self._scheduled = loop.call_soon(self._flush)
         return fut
 
     async def submit(self, item: Any) -> Any:
         return await self.enqueue(item)
 
     def _flush(self) -> None:
-        batch, self._pending, self._scheduled = self._pending, [], False
-        if batch:
-            task = asyncio.ensure_future(self._run(batch))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
-
-    async def _run(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        batch, self._pending, self._scheduled = self._pending, [], None
+        if not batch:
+            return
         try:
-            results = await await_ref(self._send([item for item, _ in batch]), self._timeout_s, self._what)
+            ref = self._send([item for item, _ in batch])
+        except Exception as exc:  # the handle cannot submit at all: every caller sees it
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        task = asyncio.ensure_future(self._run(batch, ref))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _run(self, batch: list[tuple[Any, asyncio.Future[Any]]], ref: ray.ObjectRef) -> None:
+        try:
+            results = await await_ref(ref, self._timeout_s, self._what)
         except BaseException as exc:  # the whole batch failed: every caller sees the error
             for _, fut in batch:
                 if not fut.done():

@@ -31,7 +31,7 @@ import ray
 
 from inferpool.config import PoolConfig
 from inferpool.errors import EngineDeadError, InferpoolError, NoHealthyEngineError
-from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref
+from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref, bounded
 from inferpool.routing.batching import CallBatcher, LoopLocal
 from inferpool.routing.engines import EngineView
 from inferpool.routing.leases import Lease, LeaseAsk, LeaseReturn
@@ -109,12 +109,10 @@ class Dispatcher:
         self.engines = EngineView(router, config, infos)
         self._prefix = uuid.uuid4().hex[:8]
         self._ids = itertools.count()
+        # every lease asked for and given back in one event-loop turn travels in one router call
         acquire_timeout = config.router.acquire_timeout_s + 10
-        self._acquirer: LoopLocal[CallBatcher] = LoopLocal(
-            lambda: CallBatcher(router.lease_batch.remote, acquire_timeout, "router acquire")
-        )
-        self._returner: LoopLocal[CallBatcher] = LoopLocal(
-            lambda: CallBatcher(router.return_batch.remote, CONTROL_TIMEOUT_S, "router release")
+        self._leases: LoopLocal[CallBatcher] = LoopLocal(
+            lambda: CallBatcher(router.exchange.remote, acquire_timeout, "router lease exchange")
         )
         # session_id -> {request_id: engine_id, or None while routing}: what abort_session reaches
         self._session_requests: dict[str, dict[str, str | None]] = defaultdict(dict)
@@ -163,10 +161,10 @@ class Dispatcher:
             cancelled = True
             raise
         finally:
-            done = self._returner.get().enqueue(LeaseReturn(ask.ticket, None, held.ok, held.attempts))
+            done = self._leases.get().enqueue(LeaseReturn(ask.ticket, None, held.ok, held.attempts))
             if not cancelled:
                 try:
-                    await asyncio.wait_for(asyncio.shield(done), _RELEASE_CONFIRM_S)
+                    await bounded(asyncio.shield(done), _RELEASE_CONFIRM_S)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # the router is gone or slow: it reaps expired leases itself
@@ -179,7 +177,7 @@ class Dispatcher:
         delay = 0.05
         while True:
             try:
-                leases: list[Lease] = await self._acquirer.get().submit(ask)
+                leases: list[Lease] = await self._leases.get().submit(ask)
                 if not leases:
                     leases = await await_ref(
                         self.router.lease_wait.remote(ask),
@@ -344,7 +342,7 @@ class Dispatcher:
             self._report_failure(engine_id, exc)
             outs = [exc] * len(idx)
         finally:  # these slots are free now; the batch's ticket is closed when the batch ends
-            self._returner.get().enqueue(LeaseReturn(held.ticket, tuple(le.lease_id for le in leases), ok))
+            self._leases.get().enqueue(LeaseReturn(held.ticket, tuple(le.lease_id for le in leases), ok))
         retry = []
         for i, out in zip(idx, outs, strict=True):
             if isinstance(out, GenerateResult):

@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 from inferpool.config import PoolConfig, RouterConfig
+from inferpool.ray_utils import bounded
 from inferpool.routing.policy import EngineSlot
 from inferpool.types import EngineInfo
 
@@ -77,7 +78,7 @@ class HealthChecks:
     async def _rediscover(self) -> None:
         assert self.pool_config is not None
         name, namespace = self.pool_config.name, self.pool_config.namespace
-        actors = await asyncio.wait_for(
+        actors = await bounded(
             asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True), self.config.health_timeout_s
         )
         engines, stores = [], []
@@ -92,7 +93,7 @@ class HealthChecks:
         for actor_name in engines:
             try:
                 handle = await asyncio.to_thread(ray.get_actor, actor_name, namespace)
-                info = await asyncio.wait_for(_as_future(handle.get_info.remote()), self.config.health_timeout_s)
+                info = await bounded(_as_future(handle.get_info.remote()), self.config.health_timeout_s)
             except Exception:  # an engine that is gone or broken stays out
                 logger.warning("router: could not re-register %s", actor_name, exc_info=True)
                 continue
@@ -109,14 +110,14 @@ class HealthChecks:
 
     async def _probe(self, engine_id: str, engine: EngineEntry) -> None:
         try:
-            healthy = await asyncio.wait_for(_as_future(engine.handle.health.remote()), self.config.health_timeout_s)
+            healthy = await bounded(_as_future(engine.handle.health.remote()), self.config.health_timeout_s)
             if healthy is False:  # the actor was restarted by Ray: load its backend again
                 logger.info("router: engine %s restarted; starting its backend", engine_id)
-                await asyncio.wait_for(_as_future(engine.handle.start.remote()), self.config.health_timeout_s * 30)
+                await bounded(_as_future(engine.handle.start.remote()), self.config.health_timeout_s * 30)
                 if self._latest_weights is not None:  # serve the current weights, not the checkpoint's
                     chunks, version = self._latest_weights
                     index = self._versions.get(str(version))
-                    await asyncio.wait_for(
+                    await bounded(
                         _as_future(engine.handle.update_weights.remote(chunks, version, None, index)),
                         self.config.health_timeout_s * 30,
                     )
@@ -142,7 +143,7 @@ class HealthChecks:
         if stats_method is None:
             return
         try:
-            st = await asyncio.wait_for(_as_future(stats_method.remote()), self.config.health_timeout_s)
+            st = await bounded(_as_future(stats_method.remote()), self.config.health_timeout_s)
         except Exception:  # stats are advisory: a failure here does not make the engine unhealthy
             logger.debug("router: stats of %s unavailable", engine.info.engine_id, exc_info=True)
             return

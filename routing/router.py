@@ -219,7 +219,7 @@ class Router(HealthChecks):
         ticket: str = "",
     ) -> list[Lease]:
         """Reserve up to ``count`` slots (at least one), spread by the policy; wait (bounded) for
-        one. With a ``ticket`` the leases can be given back by it (:meth:`return_batch`)."""
+        one. With a ``ticket`` the leases can be given back by it (:meth:`exchange`)."""
         await self._ensure_started()
         if split not in ("train", "eval"):
             raise RequestError(f"split: must be 'train' or 'eval', got {split!r}", field="split")
@@ -266,43 +266,41 @@ class Router(HealthChecks):
             out.append(self._try_reserve(request, workload))
         return out
 
-    async def lease_batch(self, asks: list[LeaseAsk]) -> list[list[Lease] | InferpoolError]:
-        """Try many asks at once without waiting: each gets its leases (up to its count), an
-        empty list where no slot is free now (that caller then waits with :meth:`lease_wait`),
-        or the error that refuses it."""
+    async def exchange(self, items: list[LeaseAsk | LeaseReturn]) -> list[list[Lease] | InferpoolError | None]:
+        """One caller's leases of one event-loop turn in one call: every give-back first (it
+        frees slots), then every ask without waiting — its leases (up to its count), an empty
+        list where no slot is free now (that caller then waits with :meth:`lease_wait`), or the
+        error that refuses it. A give-back answers None."""
         await self._ensure_started()
-        out: list[list[Lease] | InferpoolError] = []
-        for ask in asks:
-            if ask.split not in ("train", "eval"):
-                out.append(RequestError(f"split: must be 'train' or 'eval', got {ask.split!r}", field="split"))
-                continue
-            leases: list[Lease] = []
-            if not self.book.refused(ask.ticket):
-                request = RouteRequest(ask.split, ask.session_id, ask.prompt_token_ids, frozenset(ask.exclude))
-                while len(leases) < ask.count:
-                    lease = self._try_reserve(request, ask.workload, ask.ticket)
-                    if lease is None:
-                        break
-                    leases.append(lease)
-            out.append(leases)
+        freed = False
+        for item in items:
+            if isinstance(item, LeaseReturn):
+                for lease in self.book.give_back(item):
+                    self._settle(lease, item.ok, item.attempts)
+                    freed = True
+        out = [None if isinstance(item, LeaseReturn) else self._grant(item) for item in items]
+        if freed:
+            await self._notify()
         return out
+
+    def _grant(self, ask: LeaseAsk) -> list[Lease] | InferpoolError:
+        if ask.split not in ("train", "eval"):
+            return RequestError(f"split: must be 'train' or 'eval', got {ask.split!r}", field="split")
+        leases: list[Lease] = []
+        if not self.book.refused(ask.ticket):
+            request = RouteRequest(ask.split, ask.session_id, ask.prompt_token_ids, frozenset(ask.exclude))
+            while len(leases) < ask.count:
+                lease = self._try_reserve(request, ask.workload, ask.ticket)
+                if lease is None:
+                    break
+                leases.append(lease)
+        return leases
 
     async def lease_wait(self, ask: LeaseAsk, timeout_s: float | None = None) -> list[Lease]:
         """Wait (bounded by ``RouterConfig.acquire_timeout_s``) for at least one slot for ``ask``."""
         return await self.acquire_many(
             ask.count, ask.split, ask.session_id, ask.prompt_token_ids, ask.exclude, timeout_s, ask.workload, ask.ticket
         )
-
-    async def return_batch(self, returns: list[LeaseReturn]) -> list[None]:
-        """Give back leases by ticket (see :class:`LeaseReturn`); idempotent, in one actor call."""
-        freed = False
-        for ret in returns:
-            for lease in self.book.give_back(ret):
-                self._settle(lease, ret.ok, ret.attempts)
-                freed = True
-        if freed:
-            await self._notify()
-        return [None] * len(returns)
 
     async def release_batch(self, releases: list[tuple[int, bool, int]]) -> list[None]:
         """Many ``release(lease_id, ok, attempts)`` in one actor call."""

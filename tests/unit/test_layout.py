@@ -39,7 +39,7 @@ FLOOR = {
     "registry",
     "reasoning_config",
 }
-SESSION_MODULES = {"chat", "replies", "message_index", "session_tree", "turns"}
+SESSION_MODULES = {"chat", "replies", "message_index", "session_tree", "session_sync", "staleness", "turns"}
 FACADE = {"pool", "session", "stats", "rollout", "weights.push", "__init__"}
 
 

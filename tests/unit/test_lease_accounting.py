@@ -31,10 +31,10 @@ def _info(eid: str) -> EngineInfo:
     return EngineInfo(engine_id=eid, backend="fake", model="m", vocab_size=10, max_model_len=100)
 
 
-# one step: (ticket number, what) — what: "ask" (lease_batch), "wait" (lease_wait), "part"
-# (give back one of its leases), "close" (give back the ticket)
+# one step: (ticket number, what) — what: "ask" (exchange), "wait" (lease_wait), "part"
+# (give back one of its leases), "close" (give back the ticket), "swap" (give back and ask in one call)
 steps = st.lists(
-    st.tuples(st.integers(0, 7), st.sampled_from(["ask", "ask", "wait", "part", "close"]), st.integers(1, 4)),
+    st.tuples(st.integers(0, 7), st.sampled_from(["ask", "ask", "wait", "part", "close", "swap"]), st.integers(1, 4)),
     max_size=60,
 )
 
@@ -49,7 +49,7 @@ async def _play(plan: list[tuple[int, str, int]], engines: int) -> None:
         if what in ("ask", "wait"):
             ask = LeaseAsk(ticket=ticket, count=count)
             if what == "ask":
-                (granted,) = await router.lease_batch([ask])
+                (granted,) = await router.exchange([ask])
                 assert isinstance(granted, list)
             else:
                 try:
@@ -58,15 +58,21 @@ async def _play(plan: list[tuple[int, str, int]], engines: int) -> None:
                     granted = []
             held.setdefault(ticket, []).extend(lease.lease_id for lease in granted)
         elif what == "part" and held.get(ticket):
-            await router.return_batch([LeaseReturn(ticket, (held[ticket].pop(),), True)])
+            await router.exchange([LeaseReturn(ticket, (held[ticket].pop(),), True)])
         elif what == "close":
-            await router.return_batch([LeaseReturn(ticket)])
+            await router.exchange([LeaseReturn(ticket)])
             held.pop(ticket, None)
+        elif what == "swap":  # close this ticket and ask under the next one in one call
+            nxt = f"t{(number + 1) % 8}"
+            _, granted = await router.exchange([LeaseReturn(ticket), LeaseAsk(ticket=nxt, count=count)])
+            held.pop(ticket, None)
+            assert isinstance(granted, list)
+            held.setdefault(nxt, []).extend(lease.lease_id for lease in granted)
         load = router.load()
         assert all(e["train_in_flight"] <= CAPACITY for e in load.values())
         assert sum(e["train_in_flight"] for e in load.values()) == router.num_leases()
     # every caller closes its ticket on the way out
-    await router.return_batch([LeaseReturn(f"t{n}") for n in range(8)])
+    await router.exchange([LeaseReturn(f"t{n}") for n in range(8)])
     assert router.num_leases() == 0
     assert all(e["train_in_flight"] == 0 for e in router.load().values())
     assert router.lease_counts()["tickets"] == 0
@@ -81,8 +87,8 @@ def test_every_lease_is_given_back_whatever_the_order(plan: list[tuple[int, str,
 async def test_an_ask_that_arrives_after_its_ticket_was_closed_is_refused() -> None:
     router = Router(RouterConfig(max_requests_per_engine=CAPACITY, eval_requests_per_engine=0, acquire_timeout_s=0.5))
     await router.register(_info("e0"), object())
-    await router.return_batch([LeaseReturn("late")])  # the caller was cancelled before its ask arrived
-    (granted,) = await router.lease_batch([LeaseAsk("late", count=2)])
+    await router.exchange([LeaseReturn("late")])  # the caller was cancelled before its ask arrived
+    (granted,) = await router.exchange([LeaseAsk("late", count=2)])
     assert granted == []
     with pytest.raises(RequestError, match="given back"):
         await router.lease_wait(LeaseAsk("late"))
@@ -92,11 +98,11 @@ async def test_an_ask_that_arrives_after_its_ticket_was_closed_is_refused() -> N
 async def test_a_waiting_ask_stops_when_its_ticket_is_closed() -> None:
     router = Router(RouterConfig(max_requests_per_engine=1, eval_requests_per_engine=0, acquire_timeout_s=5.0))
     await router.register(_info("e0"), object())
-    (first,) = await router.lease_batch([LeaseAsk("a")])
+    (first,) = await router.exchange([LeaseAsk("a")])
     assert len(first) == 1  # the only slot
     waiter: asyncio.Task[Any] = asyncio.ensure_future(router.lease_wait(LeaseAsk("b")))
-    await router.return_batch([LeaseReturn("b")])  # b's caller gave up while b waited
-    await router.return_batch([LeaseReturn("a")])  # the slot frees: b must not take it
+    await router.exchange([LeaseReturn("b")])  # b's caller gave up while b waited
+    await router.exchange([LeaseReturn("a")])  # the slot frees: b must not take it
     with pytest.raises(RequestError, match="given back"):
         await asyncio.wait_for(waiter, 3.0)
     assert router.num_leases() == 0

@@ -178,25 +178,60 @@ async def test_concurrent_first_calls_create_one_session(tight_pool: ip.Pool) ->
     assert len((await s2.state()).nodes) == 1
 
 
-async def test_staleness_is_checked_under_the_session_lock(tight_pool: ip.Pool) -> None:
+@pytest.fixture(scope="module")
+def store_turns_pool(ray_session: None, tiny_tokenizer_path: str) -> Iterator[ip.Pool]:
+    """Like tight_pool, but session turns run in the store (SessionConfig.turns_in_caller=False)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_path)
+    pool = ip.Pool.start(
+        ip.PoolConfig(
+            name="unit-soundness-store",
+            engines=[
+                ip.EngineConfig(
+                    backend="fake",
+                    tokenizer=tiny_tokenizer_path,
+                    engine_kwargs={"vocab_size": len(tok), "decode_latency_per_token_s": 0.002},
+                )
+            ],
+            router=ip.RouterConfig(max_requests_per_engine=CAPACITY, eval_requests_per_engine=0, max_staleness=0),
+            sessions=ip.SessionConfig(shards=1, turns_in_caller=False),
+        )
+    )
+    yield pool
+    pool.shutdown()
+
+
+@pytest.mark.parametrize("where", ["caller", "store"])
+async def test_staleness_is_checked_under_the_session_lock(
+    where: str, tight_pool: ip.Pool, store_turns_pool: ip.Pool
+) -> None:
     """A turn queued behind another while the weights change is checked against the versions
     it will extend when it runs (max_staleness=0: one update is already too old)."""
-    s = tight_pool.session(track_tree=True)
+    pool = tight_pool if where == "caller" else store_turns_pool
+    s = pool.session(track_tree=True)
     msgs: list[dict[str, Any]] = [{"role": "user", "content": "first"}]
     out = await s.chat(msgs, max_tokens=2)
     base = [*msgs, out.choices[0].message.model_dump(exclude_none=True)]
     long_turn = asyncio.ensure_future(s.chat([*base, {"role": "user", "content": "long"}], max_tokens=200))
-    await wait_in_flight(tight_pool, 1)
+    await wait_in_flight(pool, 1)
     queued = asyncio.ensure_future(s.chat([*base, {"role": "user", "content": "queued"}], max_tokens=2))
-    store = tight_pool.session_store(s.session_id)
-    end = time.monotonic() + 10
-    while time.monotonic() < end:  # until the second turn waits for the session's lock
+    store = pool.session_store(s.session_id)
+
+    async def waiting_turns() -> int:
+        if where == "caller":
+            return s.busy
         rows = [r for r in await store.list_sessions.remote() if r["session_id"] == s.session_id]
-        if rows and rows[0]["busy"] == 2:
+        return int(rows[0]["busy"]) if rows else 0
+
+    end = time.monotonic() + 10
+    while time.monotonic() < end:  # until the second turn waits for the lock
+        if await waiting_turns() >= 2:
             break
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.002)
+    assert await waiting_turns() == 2 and not long_turn.done()
     rng = np.random.default_rng(0)
-    await tight_pool.update_weights({"w": rng.standard_normal((4, 4)).astype(np.float32)}, version="lock-v1")
+    await pool.update_weights({"w": rng.standard_normal((4, 4)).astype(np.float32)}, version=f"lock-{where}")
     await long_turn  # checked before the update: accepted
     with pytest.raises(ip.StaleSessionError, match="max_staleness"):
         await queued
@@ -241,3 +276,19 @@ async def test_chat_on_a_fake_pool_named_after_no_model_fails_fast(ray_session: 
         assert err.value.field == "model"
     finally:
         pool.shutdown()
+
+
+async def test_a_cancellation_is_never_swallowed_by_an_answer_that_lands_at_the_same_moment() -> None:
+    """asyncio.wait_for on Python 3.11 returns the answer instead of raising when the caller is
+    cancelled just as the answer arrives; every bounded wait of the request path must raise."""
+    from inferpool.ray_utils import bounded
+
+    loop = asyncio.get_running_loop()
+    for _ in range(100):
+        answer: asyncio.Future[int] = loop.create_future()
+        waiter = asyncio.ensure_future(bounded(answer, 5.0))
+        await asyncio.sleep(0)  # the waiter is waiting now
+        answer.set_result(1)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter

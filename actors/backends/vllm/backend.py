@@ -59,7 +59,12 @@ def _has_gpu() -> bool:
 
 
 def to_vllm_sampling(sp: SamplingParams, seed_offset: int = 0) -> Any:
-    """Our SamplingParams as vLLM's (final output only, sampled-token logprobs always on)."""
+    """Our SamplingParams as vLLM's (final output only, sampled-token logprobs always on).
+
+    Token ids are the source of truth, so vLLM does not detokenize (its incremental
+    detokenizer and the decoding of every logprob's token cost more CPU per token than the
+    rest of the request) unless stop strings need the text.
+    """
     from vllm import SamplingParams as VSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -80,6 +85,7 @@ def to_vllm_sampling(sp: SamplingParams, seed_offset: int = 0) -> Any:
         frequency_penalty=sp.frequency_penalty,
         logprobs=sp.logprobs,
         output_kind=RequestOutputKind.FINAL_ONLY,
+        detokenize=bool(sp.stop),
     )
 
 
@@ -211,7 +217,7 @@ class VLLMBackend(BaseBackend):
                     token_ids=token_ids,
                     logprobs=logprobs,
                     finish_reason=normalize_finish_reason(c.finish_reason, default="abort"),
-                    text=c.text,
+                    text=c.text if sp.detokenize else None,
                     stop_reason=c.stop_reason,
                     weight_version=versions[-1] if versions else version,
                     weight_versions=versions,
