@@ -342,26 +342,42 @@ def borrow(key: str, start: Callable[[], Any], stop: Callable[[Any], None]) -> I
 
 class ProcessCpu:
     """CPU seconds used during a block by processes of this run, by what they are: Ray actors
-    by class (``ray::SessionStore...`` -> ``SessionStore``) for the names given, and this
-    process as ``Driver``. Read from /proc (psutil) at the start and the end of the block;
-    processes that exit meanwhile are not counted. Needs psutil (a dependency of Ray)."""
+    by class (``ray::SessionStore...`` -> ``SessionStore``) for the names given, vLLM engine
+    cores (``EngineCore``), the processes under the pids given in ``trees`` (a name each, a
+    process and its descendants: a raw engine's subprocess), and this process as ``Driver``.
+    Read from /proc (psutil) at the start and the end of the block; processes that exit
+    meanwhile are not counted. Needs psutil (a dependency of Ray)."""
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], trees: dict[str, int] | None = None) -> None:
         self.names = tuple(names)
+        self.trees = dict(trees or {})
         self.seconds: dict[str, float] = {}
         self._start: dict[int, tuple[str, float]] = {}
+
+    def _name(self, pid: int, title: str, parents: dict[int, int]) -> str:
+        node, hops = pid, 0
+        while node > 1 and hops < 64:
+            for tree, root in self.trees.items():
+                if node == root:
+                    return tree
+            node, hops = parents.get(node, 0), hops + 1
+        if pid == os.getpid():
+            return "Driver"
+        if title.startswith("VLLM::EngineCore"):
+            return "EngineCore"
+        return next((n for n in self.names if title.startswith(f"ray::{n}")), "")
 
     def _sample(self) -> dict[int, tuple[str, float]]:
         import psutil
 
-        me = os.getpid()
+        procs = list(psutil.process_iter(["ppid", "cmdline", "cpu_times"]))
+        parents = {p.pid: p.info["ppid"] or 0 for p in procs}
         out: dict[int, tuple[str, float]] = {}
-        for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+        for proc in procs:
             times = proc.info["cpu_times"]
             if times is None:
                 continue
-            title = " ".join(proc.info["cmdline"] or ())
-            name = "Driver" if proc.pid == me else next((n for n in self.names if title.startswith(f"ray::{n}")), "")
+            name = self._name(proc.pid, " ".join(proc.info["cmdline"] or ()), parents)
             if name:
                 out[proc.pid] = (name, times.user + times.system)
         return out
@@ -372,7 +388,7 @@ class ProcessCpu:
 
     def __exit__(self, *exc: object) -> None:
         end = self._sample()
-        self.seconds = {n: 0.0 for n in (*self.names, "Driver")}
+        self.seconds = {n: 0.0 for n in (*self.names, *self.trees, "EngineCore", "Driver")}
         for pid, (name, seconds) in end.items():
             before = self._start.get(pid, (name, 0.0))[1]
             self.seconds[name] += seconds - before

@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from inferpool.bench.common import Stopwatch, ensure_ray, finish_later, goal, ratio, result
+from inferpool.bench.common import ProcessCpu, Stopwatch, ensure_ray, finish_later, goal, ratio, result
 from inferpool.bench.raw_engine import RawEngine
 
 RATIO_GOAL = 0.98
@@ -121,24 +121,32 @@ def _paths(pool: Any, raw: RawEngine) -> dict[str, Measure]:
     return {"raw": raw_path, "pool_generate": pool_generate, "pool_batch": pool_batch}
 
 
+PROCESSES = ("EngineActor", "Router", "SessionStore")
+
+
 async def _measure_all(
-    paths: dict[str, Measure], prompts: list[list[int]], max_tokens: int, repeats: int
-) -> dict[str, list[float]]:
-    """Warm each path up, then measure each ``repeats`` times (rotating order); tokens/s samples."""
+    paths: dict[str, Measure], prompts: list[list[int]], max_tokens: int, repeats: int, raw_pid: int
+) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
+    """Warm each path up, then measure each ``repeats`` times (rotating order); tokens/s samples
+    and, per path, the CPU milliseconds per request of each kind of process."""
     sampling = {"max_tokens": max_tokens, "temperature": 1.0, "ignore_eos": True}
     warm = {**sampling, "max_tokens": min(8, max_tokens)}
     for measure in paths.values():
         await measure(prompts, warm)
     samples: dict[str, list[float]] = {name: [] for name in paths}
+    cpu: dict[str, dict[str, float]] = {name: {} for name in paths}
     names = list(paths)
     expected = len(prompts) * max_tokens
     for rep in range(repeats):
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            tokens, seconds = await paths[name](prompts, sampling)
+            with ProcessCpu(PROCESSES, trees={"RawEngine": raw_pid}) as meter:
+                tokens, seconds = await paths[name](prompts, sampling)
             if tokens != expected:
                 raise RuntimeError(f"{name}: {tokens} tokens generated, expected {expected}")
             samples[name].append(tokens / seconds)
-    return samples
+            for proc, secs in meter.seconds.items():
+                cpu[name][proc] = cpu[name].get(proc, 0.0) + 1000 * secs / (len(prompts) * repeats)
+    return samples, cpu
 
 
 def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
@@ -172,7 +180,7 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
         pool = ip.Pool.start(pool_config)
         pool_start_s = time.perf_counter() - t0
         raw_start_s = raw.wait_ready()
-        samples = asyncio.run(_measure_all(_paths(pool, raw), prompts, max_tokens, repeats))
+        samples, cpu = asyncio.run(_measure_all(_paths(pool, raw), prompts, max_tokens, repeats, raw.pid))
     except BaseException:
         teardown()
         raise
@@ -189,6 +197,10 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     figures["pool_batch_over_raw_of_medians"] = ratio(
         figures["pool_batch_tokens_per_s_median"], figures["raw_tokens_per_s_median"]
     )
+    for name in PATHS:  # where the CPU goes, per request: this path's processes (Driver: this process)
+        for proc, ms in cpu[name].items():
+            if ms >= 0.005:
+                figures[f"cpu_ms_per_request_{name}_{proc}"] = ms
     figures["raw_start_s"] = raw_start_s
     figures["pool_start_s"] = pool_start_s
     goals = [

@@ -71,6 +71,11 @@ class RawEngine:
         os.close(write_fd)
         self._results: IO[str] = os.fdopen(read_fd, "r")
 
+    @property
+    def pid(self) -> int:
+        """The subprocess (its vLLM engine core is a child of it)."""
+        return int(self._proc.pid)
+
     def _read(self, timeout_s: float) -> dict[str, Any]:
         ready, _, _ = select.select([self._results], [], [], timeout_s)
         line = self._results.readline() if ready else ""

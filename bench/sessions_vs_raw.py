@@ -36,7 +36,7 @@ from inferpool.bench.raw_engine import RawEngine
 RATIO_GOAL = 0.95
 ENGINE_KWARGS: dict[str, Any] = {"gpu_memory_utilization": 0.1, "max_model_len": 4096}
 USER_TURN = "Continue."
-PROCESSES = ("SessionStore", "EngineActor", "Router")
+PROCESSES = ("SessionStore", "EngineActor", "Router")  # plus EngineCore and Driver (bench.common.ProcessCpu)
 
 # size -> (conversations, conversation lengths in turns, tokens per turn, repeats)
 SIZES: dict[str, tuple[int, tuple[int, ...], int, int]] = {
@@ -137,7 +137,9 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
             raw_rates, pool_rates, raw_lat, pool_lat = [], [], [], []
             cpu: dict[str, float] = {}
             for _ in range(repeats):
-                out = raw.sessions(firsts, suffix, turns, sampling)
+                with ProcessCpu((), trees={"RawEngine": raw.pid}) as raw_meter:
+                    out = raw.sessions(firsts, suffix, turns, sampling)
+                cpu["raw_RawEngine"] = cpu.get("raw_RawEngine", 0.0) + raw_meter.seconds["RawEngine"]
                 raw_rates.append(out["tokens"] / out["seconds"])
                 raw_lat += out["latencies"]
                 with ProcessCpu(PROCESSES) as meter:
@@ -175,7 +177,8 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
     notes = [
         "raw = AsyncLLM in a subprocess with token ids and a pre-encoded user turn; sessions = "
         "pool.session() + s.chat(messages) on the same engine config",
-        "cpu_ms_per_turn_*: CPU of those processes of this run (the driver is Driver) per session turn",
+        "cpu_ms_per_turn_*: CPU of those processes of this run per session turn (Driver: the caller, which "
+        "runs the turns; EngineCore: vLLM's engine core; raw_RawEngine: the raw engine's process and core)",
     ]
     return result("sessions_vs_raw", params, figures, goals, notes)
 

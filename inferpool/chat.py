@@ -19,8 +19,9 @@ A conversation that ends with an assistant message gets a new assistant turn aft
 from __future__ import annotations
 
 import logging
+import os
+import random
 import threading
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _FILLER = {"role": "user", "content": "."}
+_MARKERS = random.Random(int.from_bytes(os.urandom(16), "big"))  # unpredictable to message text
 
 
 def validate_messages(messages: Any) -> list[dict[str, Any]]:
@@ -202,7 +204,7 @@ class ChatRenderer:
                 "continue_final_message: continuing the stored reply itself needs no rendering",
                 field="continue_final_message",
             )
-        marker = f"\u2063inferpool-{uuid.uuid4().hex}\u2063"
+        marker = f"\u2063inferpool-{_MARKERS.getrandbits(96):024x}\u2063"
         head: list[dict[str, Any]] = []
         if stored > 1 and messages[0].get("role") in ("system", "developer"):
             head.append(messages[0])

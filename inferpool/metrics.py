@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -58,13 +59,24 @@ def _key(name: str, tags: dict[str, str]) -> str:
 
 
 class MetricsRegistry:
-    """The metrics of one process: Ray series plus a local mirror for snapshots."""
+    """The metrics of one process: Ray series plus a local mirror for snapshots.
+
+    Counters and gauges are exported to Ray once a second from a background thread
+    (summed, or the last value), not on every update: an engine updates several per
+    request, and each export is a call into Ray's core worker. Histograms are exported
+    as they are observed (values cannot be merged).
+    """
+
+    FLUSH_S = 1.0
 
     def __init__(self, export: bool = True) -> None:
         self._export = export
         self._ray: dict[str, Any] = {}
         self._values: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._counts: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}  # not exported yet
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._flusher: threading.Thread | None = None
 
     def _series(self, name: str) -> Any:
         if not self._export:
@@ -88,20 +100,46 @@ class MetricsRegistry:
             self._ray[name] = series
         return series
 
-    def inc(self, name: str, value: float = 1.0, /, **tags: str) -> None:
+    def _start_flusher(self) -> None:
+        if self._flusher is None and self._export:
+            self._flusher = threading.Thread(target=self._flush_loop, name="inferpool-metrics", daemon=True)
+            self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        while True:
+            time.sleep(self.FLUSH_S)
+            try:
+                self.flush()
+            except Exception:  # exporting is best effort; the local mirror stays exact
+                logger.debug("metrics flush failed", exc_info=True)
+
+    def flush(self) -> None:
+        """Export the counters and gauges updated since the last flush."""
         with self._lock:
-            key = _key(name, tags)
-            self._values[key] = self._values.get(key, 0.0) + value
-        series = self._series(name)
-        if series is not None and value:
-            series.inc(value, tags=tags)
+            counts, self._counts = self._counts, {}
+            gauges, self._gauges = self._gauges, {}
+        for (name, tags), value in counts.items():
+            series = self._series(name)
+            if series is not None and value:
+                series.inc(value, tags=dict(tags))
+        for (name, tags), value in gauges.items():
+            series = self._series(name)
+            if series is not None:
+                series.set(value, tags=dict(tags))
+
+    def inc(self, name: str, value: float = 1.0, /, **tags: str) -> None:
+        key = (name, tuple(sorted(tags.items())))
+        with self._lock:
+            mirror = _key(name, tags)
+            self._values[mirror] = self._values.get(mirror, 0.0) + value
+            self._counts[key] = self._counts.get(key, 0.0) + value
+        self._start_flusher()
 
     def set(self, name: str, value: float, /, **tags: str) -> None:
         with self._lock:
             self._values[_key(name, tags)] = float(value)
-        series = self._series(name)
-        if series is not None:
-            series.set(value, tags=tags)
+            self._gauges[(name, tuple(sorted(tags.items())))] = float(value)
+        self._start_flusher()
 
     def observe(self, name: str, value: float, /, **tags: str) -> None:
         with self._lock:

@@ -8,11 +8,20 @@ Attribute access works as with the ``openai`` client (``out.choices[0].message.c
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+_PROCESS_TAG = uuid.uuid4().hex[:16]
+_response_ids = itertools.count(1)
+
+
+def _response_id() -> str:
+    """Unique per response (a process tag and a counter: no entropy drawn per response)."""
+    return f"{_PROCESS_TAG}{next(_response_ids):x}"
 
 
 class _Open(BaseModel):
@@ -58,7 +67,7 @@ class ChatChoice(_Open):
 
 
 class ChatCompletion(_Open):
-    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    id: str = Field(default_factory=lambda: f"chatcmpl-{_response_id()}")
     object: str = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str = ""
@@ -79,7 +88,7 @@ class CompletionChoice(_Open):
 
 
 class Completion(_Open):
-    id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    id: str = Field(default_factory=lambda: f"cmpl-{_response_id()}")
     object: str = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str = ""

@@ -36,10 +36,11 @@ from inferpool.message_index import MessageIndex, Position, TextIndex, matches
 from inferpool.sequences import PROMPT_LOGPROB, SequenceNode, SessionState
 
 _node_ids = itertools.count(1)
+_PROCESS_TAG = uuid.uuid4().hex[:10]  # node ids are made in stores and in callers: unique per process
 
 
 def new_node_id() -> str:
-    return f"n{next(_node_ids)}-{uuid.uuid4().hex[:6]}"
+    return f"n{next(_node_ids)}-{_PROCESS_TAG}"
 
 
 class Segment:

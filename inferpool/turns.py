@@ -137,7 +137,7 @@ async def chat_turn(
         )
         prompt = np.asarray(suffix_ids, np.int64)
     # dispatch
-    result = await dispatcher.submit(prompt.tolist(), sp, split, tree.session_id if tree is not None else None)
+    result = await dispatcher.submit(prompt, sp, split, tree.session_id if tree is not None else None)
     # record
     choices: list[ChatChoice] = []
     segments: list[Segment] = []
@@ -216,7 +216,7 @@ async def completion_turn(
     full = np.concatenate([base, np.asarray(suffix_ids, np.int64)])
     if not len(full):
         raise RequestError("prompt: encodes to no tokens", field="prompt")
-    result = await dispatcher.submit(full.tolist(), sp, split, tree.session_id if tree is not None else None)
+    result = await dispatcher.submit(full, sp, split, tree.session_id if tree is not None else None)
     choices: list[CompletionChoice] = []
     segments: list[Segment] = []
     for i, c in enumerate(result.choices):

@@ -139,7 +139,7 @@ class Dispatcher:
         timeout_s: float | None = None,
     ) -> GenerateResult:
         """Build, check and serve one request (what a chat or completion turn sends)."""
-        request = GenerateRequest(self.request_id(), list(prompt_token_ids), sampling, split, session_id)
+        request = GenerateRequest(self.request_id(), prompt_token_ids, sampling, split, session_id)  # type: ignore[arg-type]
         await self.check(request)
         return await self.generate(request, timeout_s)
 

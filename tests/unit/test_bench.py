@@ -309,3 +309,44 @@ def test_a_failing_benchmark_is_reported_not_raised(
     monkeypatch.delenv("INFERPOOL_LOG_LEVEL", raising=False)
     assert runner.main([]) == 1
     assert "ERROR RuntimeError: boom" in capsys.readouterr().out
+
+
+def test_store_turns_tiny_reports_every_history_and_the_flatness(ray_session: None) -> None:
+    from inferpool.bench import store_turns
+
+    res = store_turns.run(quick=True, tiny=True)
+    figures = res["figures"]
+    for where in ("caller", "store"):
+        for h in (1, 4):
+            assert figures[f"{where}_turns_per_s@{h}history"] > 0
+            assert figures[f"{where}_store_cpu_ms_per_turn@{h}history"] >= 0
+        flat = figures[f"{where}_turns_per_s@4history"] / figures[f"{where}_turns_per_s@1history"]
+        assert figures[f"{where}_flatness"] == pytest.approx(flat)
+    assert figures["store_turns_per_s@1shards"] > 0
+    assert figures["many_20x2_turns_per_s"] > 0
+    assert [g["name"] for g in res["goals"]] == ["turns/s at 4 / at 1 turns of history"]
+
+
+def test_process_cpu_names_a_subprocess_tree_and_this_process() -> None:
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from inferpool.bench.common import ProcessCpu
+
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        with ProcessCpu(("Nothing",), trees={"Child": child.pid}) as cpu:
+            sum(i * i for i in range(300_000))  # some CPU here too
+            end = time.monotonic() + 30
+            while time.monotonic() < end and sum(psutil.Process(child.pid).cpu_times()[:2]) < 0.3:
+                time.sleep(0.01)  # bounded: until the child spent its CPU (it stays alive, sleeping)
+    finally:
+        child.kill()
+        child.wait(30)
+    assert cpu.seconds["Driver"] > 0
+    assert cpu.seconds["Nothing"] == 0
+    assert cpu.seconds["Child"] > 0.15  # counted under its tree's name, not as ours or anyone else's
