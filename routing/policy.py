@@ -110,14 +110,23 @@ class LeastLoaded:
         self._turn = 0
 
     def choose(self, engines: Sequence[EngineSlot], request: RouteRequest) -> EngineSlot | None:
-        pool = candidates(engines, request)
-        if not pool:
+        # one pass, each engine's free capacity computed once (a fleet has hundreds of engines)
+        split, exclude = request.split, request.exclude
+        best = 0
+        tied: list[EngineSlot] = []
+        for e in engines:
+            if not e.healthy or (exclude and e.engine_id in exclude):
+                continue
+            free = e.free(split)
+            if free > best:
+                best, tied = free, [e]
+            elif free == best and free > 0:
+                tied.append(e)
+        if not tied:
             return None
-        best = max(e.free(request.split) for e in pool)
-        tied = [e for e in pool if e.free(request.split) == best]
-        # among equally free engines prefer the one the engine itself reports as less busy
-        least = min(engine_pressure(e) for e in tied)
-        tied = [e for e in tied if engine_pressure(e) == least]
+        if len(tied) > 1:  # among equally free engines prefer the one the engine reports as less busy
+            least = min(engine_pressure(e) for e in tied)
+            tied = [e for e in tied if engine_pressure(e) == least]
         choice = tied[self._turn % len(tied)]
         self._turn += 1
         return choice

@@ -45,6 +45,7 @@ class Router(HealthChecks):
         self._workload_weights: dict[str, float] = {}
         self._workload_in_flight: dict[str, int] = {}
         self._engines: dict[str, EngineEntry] = {}
+        self._slot_list: list[EngineSlot] | None = None
         # tombstones outlive any ask that may still arrive: its wait in the router plus transit
         self.book = LeaseBook(tombstone_ttl_s=2 * config.acquire_timeout_s + 60.0)
         self._leases = self.book.leases  # lease_id -> Lease
@@ -87,11 +88,13 @@ class Router(HealthChecks):
             slot.eval_in_flight = old.slot.eval_in_flight
         info.group = group
         self._engines[info.engine_id] = EngineEntry(slot=slot, handle=handle, info=info, group=group)
+        self._slot_list = None
         logger.info("router: engine %s registered (%s, %s)", info.engine_id, info.backend, info.model)
         await self._notify()
 
     async def deregister(self, engine_id: str) -> None:
         self._engines.pop(engine_id, None)
+        self._slot_list = None
         await self._notify()
 
     async def engines(self) -> dict[str, Any]:
@@ -142,6 +145,12 @@ class Router(HealthChecks):
         """Weight version label -> update index, for staleness bounds."""
         return dict(self._versions)
 
+    def _slots(self) -> list[EngineSlot]:
+        """Every engine's slot (kept while the registry does not change)."""
+        if self._slot_list is None:
+            self._slot_list = [e.slot for e in self._engines.values()]
+        return self._slot_list
+
     # -- leases -----------------------------------------------------------------------
     def _workload_full(self, workload: str | None, split: Split) -> bool:
         if workload is None or workload not in self._workload_weights:
@@ -154,8 +163,7 @@ class Router(HealthChecks):
     def _try_reserve(self, request: RouteRequest, workload: str | None = None, ticket: str = "") -> Lease | None:
         if self._workload_full(workload, request.split):
             return None
-        slots = [e.slot for e in self._engines.values()]
-        choice = self.policy.choose(slots, request)
+        choice = self.policy.choose(self._slots(), request)
         if choice is None:
             return None
         choice.reserve(request.split)
