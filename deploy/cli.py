@@ -46,6 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from inferpool.config import EngineConfig, PoolConfig
     from inferpool.errors import ConfigError
+    from inferpool.log import say
     from inferpool.pool import Pool
     from inferpool.ray_utils import ensure_ray
 
@@ -79,16 +80,18 @@ def _serve(args: argparse.Namespace) -> int:
         pool = Pool.start(config)
         run_app(build_app(pool=pool, api_key=api_key), name="inferpool", route_prefix="/", timeout_s=args.start_timeout)
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        print(f"inferpool serving pool {args.name!r} ({pool.model_name()}) at http://{host}:{args.port}/v1", flush=True)
-        print(f"  sessions: POST http://{host}:{args.port}/sessions; auth: {'on' if api_key else 'off'}", flush=True)
-        print("  Ctrl-C to stop", flush=True)
+        say(
+            f"inferpool serving pool {args.name!r} ({pool.model_name()}) at http://{host}:{args.port}/v1",
+            f"  sessions: POST http://{host}:{args.port}/sessions; auth: {'on' if api_key else 'off'}",
+            "  Ctrl-C to stop",
+        )
         while not stop.wait(1.0):
             pass
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        print("inferpool: shutting down", flush=True)
+        say("inferpool: shutting down")
         try:
             serve.shutdown()  # bounded: Serve's controller gets 30 s to stop the application
         except Exception:

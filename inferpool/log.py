@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -22,3 +23,11 @@ def setup_logging(level: str | int | None = None) -> None:
         handler._inferpool = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
+
+
+def say(*lines: str) -> None:
+    """Print whole lines to stdout in one write and flush them. Ray's log forwarding writes to
+    the same stdout from another thread; ``print`` writes a line's text and its newline
+    separately, so a worker's log line could land in the middle of ours."""
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
+    sys.stdout.flush()

@@ -430,7 +430,8 @@ def test_inferpool_serve_cli_starts_serves_and_stops(tiny_tokenizer_path: str) -
     reader.start()
     try:
         assert ready.wait(180), "".join(lines[-30:])
-        url = next(line for line in lines if "inferpool serving pool" in line).split(" at ")[1].strip()
+        # the URL line is whole: Ray's forwarded worker logs share this stdout and must not split it
+        url = next(line for line in lines if "inferpool serving pool" in line).rstrip("\n").rsplit(" at ", 1)[1]
         assert url == f"http://127.0.0.1:{port}/v1"
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
         assert httpx.get(f"{url}/models", timeout=30).status_code == 401
