@@ -131,9 +131,7 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
         finally:
             pool.shutdown()
     last, first = histories[-1], histories[0]
-    goals = [
-        goal(f"turns/s at {last} / at {first} turns of history", figures["caller_flatness"], ">=", FLATNESS_GOAL)
-    ]
+    goals = [goal(f"turns/s at {last} / at {first} turns of history", figures["caller_flatness"], ">=", FLATNESS_GOAL)]
     params = {
         "sessions": count,
         "histories": list(histories),

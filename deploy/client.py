@@ -211,8 +211,12 @@ class RemoteSession:
         """The prompt text and token ids a chat call would send now (nothing generated)."""
         sid = await self._ensure_created()
         options = _body(
-            1, {"extends": extends, "continue_final_message": continue_final_message or None}, tools=tools,
-            reasoning=reasoning, skip_reasoning=skip_reasoning, chat_template_kwargs=chat_template_kwargs,
+            1,
+            {"extends": extends, "continue_final_message": continue_final_message or None},
+            tools=tools,
+            reasoning=reasoning,
+            skip_reasoning=skip_reasoning,
+            chat_template_kwargs=chat_template_kwargs,
         )
         options.pop("n")
         body = {"messages": messages, **options}

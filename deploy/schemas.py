@@ -87,9 +87,7 @@ class ToolMessage(_Message):
     tool_call_id: str | None = None
 
 
-MessageIn = Annotated[
-    SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")
-]
+MessageIn = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
 
 
 class FunctionDef(_Open):

@@ -59,8 +59,7 @@ class ReasoningConfig(ConfigModel):
     max_tokens: int | None = Field(
         None,
         ge=1,
-        description="Reasoning token budget. When effort is also given, providers that take "
-        "either one use the effort.",
+        description="Reasoning token budget. When effort is also given, providers that take either one use the effort.",
     )
 
     @field_validator("effort", mode="before")
@@ -70,9 +69,7 @@ class ReasoningConfig(ConfigModel):
             return value  # None passes; a non-string fails pydantic's own str check
         normalised = value.strip().lower()
         if normalised not in VALID_EFFORTS:
-            raise ValueError(
-                f"effort {value!r} is not valid; expected one of {', '.join(VALID_EFFORTS)}"
-            )
+            raise ValueError(f"effort {value!r} is not valid; expected one of {', '.join(VALID_EFFORTS)}")
         return normalised
 
     @property

@@ -95,9 +95,7 @@ def check_prompt(prompt_token_ids: Any, vocab: int, ctx: int, field: str = "prom
     """A prompt as a list of token ids every engine accepts: non-empty, ids in ``[0, vocab)``,
     shorter than the context ``ctx`` (room left to sample). Raises RequestError naming ``field``."""
     if not isinstance(prompt_token_ids, Sequence | np.ndarray) or isinstance(prompt_token_ids, str | bytes):
-        raise RequestError(
-            f"{field}: must be a list of token ids, got {type(prompt_token_ids).__name__}", field=field
-        )
+        raise RequestError(f"{field}: must be a list of token ids, got {type(prompt_token_ids).__name__}", field=field)
     ids = list(prompt_token_ids)
     if not ids:
         raise RequestError(f"{field}: the prompt is empty", field=field)

@@ -111,13 +111,9 @@ class HermesToolParser:
             content, calls = self._parse_body(body)
         except _Malformed as exc:
             logger.debug("unparseable tool call, returning plain content: %s", exc)
-            return ParsedToolCalls(
-                content=body, raw_text=text, reasoning_content=reasoning, plain_content=body
-            )
+            return ParsedToolCalls(content=body, raw_text=text, reasoning_content=reasoning, plain_content=body)
         if not calls:
-            return ParsedToolCalls(
-                content=body, raw_text=text, reasoning_content=reasoning, plain_content=body
-            )
+            return ParsedToolCalls(content=body, raw_text=text, reasoning_content=reasoning, plain_content=body)
         return ParsedToolCalls(
             content=content,
             tool_calls=calls,

@@ -136,14 +136,10 @@ def _apply_openai(out: dict[str, Any], reasoning: ReasoningConfig) -> None:
         out.setdefault("max_completion_tokens", max_tokens)
 
 
-def _apply_openai_compatible(
-    out: dict[str, Any], reasoning: ReasoningConfig, provider: str, model: str | None
-) -> None:
+def _apply_openai_compatible(out: dict[str, Any], reasoning: ReasoningConfig, provider: str, model: str | None) -> None:
     block: dict[str, Any] = {"enabled": True}
     if is_anthropic_model(model):
-        block["max_tokens"] = _clamp(
-            reasoning.budget_tokens(), ANTHROPIC_MIN_BUDGET, OPENROUTER_ANTHROPIC_MAX_BUDGET
-        )
+        block["max_tokens"] = _clamp(reasoning.budget_tokens(), ANTHROPIC_MIN_BUDGET, OPENROUTER_ANTHROPIC_MAX_BUDGET)
     elif reasoning.effort is not None:
         block["effort"] = reasoning.effort
     elif reasoning.max_tokens is not None:

@@ -39,8 +39,7 @@ def named_tool(tool_choice: ToolChoice) -> str | None:
         if isinstance(name, str) and name:
             return name
     raise RequestError(
-        f"tool_choice {tool_choice!r} must name a function as "
-        "{'type': 'function', 'function': {'name': ...}}",
+        f"tool_choice {tool_choice!r} must name a function as {{'type': 'function', 'function': {{'name': ...}}}}",
         field="tool_choice",
     )
 

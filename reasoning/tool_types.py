@@ -33,9 +33,7 @@ def new_tool_call_id() -> str:
     return TOOL_CALL_ID_PREFIX + uuid.uuid4().hex[:24]
 
 
-def make_tool_call(
-    name: str, arguments: dict[str, Any] | str, *, call_id: str | None = None
-) -> ToolCall:
+def make_tool_call(name: str, arguments: dict[str, Any] | str, *, call_id: str | None = None) -> ToolCall:
     """Build an OpenAI tool-call dict; a dict ``arguments`` is serialised to JSON.
 
     Serialisation keeps key order and non-ASCII characters (``ensure_ascii=False``)

@@ -30,9 +30,7 @@ def _key(name: str) -> str:
     return name.strip().lower()
 
 
-def register_tool_parser(
-    name: str, cls: Callable[..., ToolParser], *, replace: bool = False
-) -> None:
+def register_tool_parser(name: str, cls: Callable[..., ToolParser], *, replace: bool = False) -> None:
     """Register a tool-parser class (or factory) under ``name`` (case-insensitive).
 
     Registering the same class again is a no-op; a different one under a taken name
@@ -60,9 +58,7 @@ def get_tool_parser(name: str, **kwargs: Any) -> ToolParser:
         factory = _REGISTRY.get(_key(name))
         known = sorted(_REGISTRY)
     if factory is None:
-        raise ConfigError(
-            f"unknown tool parser {name!r}; registered: {', '.join(known)}", field="tool_parser"
-        )
+        raise ConfigError(f"unknown tool parser {name!r}; registered: {', '.join(known)}", field="tool_parser")
     parser = factory(**kwargs)
     if not isinstance(parser, ToolParser):
         raise ConfigError(f"tool parser {name!r} has no parse(text) method", field="tool_parser")
@@ -158,9 +154,7 @@ class ToolCallRecorder:
         with self._lock:
             return self._raw.get(tool_call_id)
 
-    def raw_text_for_message(
-        self, content: str | None, tool_calls: Sequence[Mapping[str, Any]]
-    ) -> str:
+    def raw_text_for_message(self, content: str | None, tool_calls: Sequence[Mapping[str, Any]]) -> str:
         """The raw text of an assistant message: recorded when possible, else rebuilt.
 
         The record is used when every call's id is known and all point to the same

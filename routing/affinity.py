@@ -34,9 +34,7 @@ def split_load(slot: EngineSlot, split: Split) -> int:
     return max(0, slot.limit(split) - slot.free(split))
 
 
-def is_imbalanced(
-    preferred_load: int, least_load: int, abs_threshold: int, rel_threshold: float
-) -> bool:
+def is_imbalanced(preferred_load: int, least_load: int, abs_threshold: int, rel_threshold: float) -> bool:
     """Whether the preferred engine is too loaded compared with the least-loaded one.
 
     True iff BOTH hold::

@@ -122,12 +122,17 @@ def init_torch_group(
     store, rank, world_size = next(c10d.rendezvous(init_method, rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
     made = c10d._new_process_group_helper(
-        world_size, rank, [], backend, c10d.PrefixStore(group_name, store), group_name=group_name, timeout=timeout  # type: ignore[arg-type]
+        world_size,
+        rank,
+        [],
+        backend,
+        c10d.PrefixStore(group_name, store),
+        group_name=group_name,  # type: ignore[arg-type]
+        timeout=timeout,
     )
     group = made[0] if isinstance(made, tuple) else made
     c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
-
 
 
 def iter_named_tensors(weights: Any) -> Iterator[tuple[str, Any]]:

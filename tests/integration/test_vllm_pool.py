@@ -58,9 +58,7 @@ async def test_n_above_cap_is_split_across_sub_requests(vllm_pool: ip.Pool, toke
 
 async def test_two_engines_both_receive_load(vllm_pool: ip.Pool, tokenizer: object) -> None:
     ids = prompt(tokenizer, "Load")
-    results = await asyncio.gather(
-        *(vllm_pool.generate(ids, ip.SamplingParams(max_tokens=4)) for _ in range(16))
-    )
+    results = await asyncio.gather(*(vllm_pool.generate(ids, ip.SamplingParams(max_tokens=4)) for _ in range(16)))
     assert {r.engine_id for r in results} == set(vllm_pool.engine_ids())
     stats = vllm_pool.stats()["engines"]
     assert all(e["served"] > 0 for e in stats.values())

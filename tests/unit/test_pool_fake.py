@@ -49,9 +49,7 @@ async def test_large_n_is_split_and_merged_with_consecutive_indices(fake_pool: i
 
 
 async def test_both_engines_receive_load(fake_pool: ip.Pool) -> None:
-    results = await asyncio.gather(
-        *(fake_pool.generate([1, 2], ip.SamplingParams(max_tokens=2)) for _ in range(20))
-    )
+    results = await asyncio.gather(*(fake_pool.generate([1, 2], ip.SamplingParams(max_tokens=2)) for _ in range(20)))
     assert {r.engine_id for r in results} == set(fake_pool.engine_ids())
 
 
@@ -75,9 +73,7 @@ async def test_generate_batch_keeps_order_and_releases(fake_pool: ip.Pool) -> No
         ({"prompt_token_ids": [1], "sampling": {"max_tokens": -5}}, "max_tokens"),
     ],
 )
-async def test_bad_input_raises_typed_error_naming_the_field(
-    fake_pool: ip.Pool, kwargs: dict, field: str
-) -> None:
+async def test_bad_input_raises_typed_error_naming_the_field(fake_pool: ip.Pool, kwargs: dict, field: str) -> None:
     with pytest.raises(ip.RequestError) as info:
         await fake_pool.generate(**kwargs)
     assert info.value.field == field

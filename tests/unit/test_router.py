@@ -71,9 +71,7 @@ async def test_acquire_reserves_and_release_frees() -> None:
 
 async def test_concurrent_acquires_never_oversubscribe() -> None:
     router, _ = await make_router(2)
-    results = await asyncio.gather(
-        *(router.acquire(timeout_s=0.2) for _ in range(10)), return_exceptions=True
-    )
+    results = await asyncio.gather(*(router.acquire(timeout_s=0.2) for _ in range(10)), return_exceptions=True)
     ok = [r for r in results if not isinstance(r, Exception)]
     assert len(ok) == 6
     load = router.load()

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_VOCAB_SIZE = 1 << 31
 DEFAULT_MAX_MODEL_LEN = 1 << 20
 
+
 class RemoteOptions(ConfigModel):
     """Options of every remote backend, given as ``EngineConfig.engine_kwargs``."""
 
