@@ -56,12 +56,13 @@ class _Entry:
 class SessionStore:
     """One shard of sessions."""
 
-    def __init__(self, pool_config: PoolConfig, router: Any, shard: int) -> None:
+    def __init__(self, pool_config: PoolConfig, routers: Any, shard: int) -> None:
+        """``routers``: the pool's router shards (a list; or the one router)."""
         setup_logging()
         self.shard = shard
         self.config = pool_config
-        self.router = router
-        self.dispatcher = Dispatcher(router, pool_config)
+        self.dispatcher = Dispatcher(routers, pool_config)
+        self.router = self.dispatcher.router  # the primary: the weight-version ledger
         self._sessions: dict[str, _Entry] = {}
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._renderer: ChatRenderer | None = None

@@ -38,6 +38,7 @@ BENCHMARKS: dict[str, str] = {
     "routing_policies": "inferpool.bench.routing_policies",  # issue 8: affinity / prefix-aware vs least-loaded
     "sessions_vs_raw": "inferpool.bench.sessions_vs_raw",  # issue 17: managed sessions vs AsyncLLM with ids
     "store_turns": "inferpool.bench.store_turns",  # issue 17: one store shard's turns/s as history grows
+    "router_fleet": "inferpool.bench.router_fleet",  # issue 16: lease decisions/s at fleet scale, router shards
 }
 """Benchmark name -> module with ``run(quick: bool) -> dict``; run in this order (``weight_push``
 right after ``scaling``: it reuses the same pool of fake engines, see :func:`inferpool.bench.common.borrow`)."""

@@ -32,6 +32,7 @@ from inferpool.actors.engine import engine_actor_class, engine_actor_options
 from inferpool.config import EngineConfig
 from inferpool.log import setup_logging
 from inferpool.ray_utils import await_ref
+from inferpool.routing.shards import engine_shard, router_name
 from inferpool.types import EngineInfo
 
 from .autoscaling import METRIC, engine_autoscaling_config
@@ -72,15 +73,17 @@ class EngineReplica:
         self._engine: Any = None
         self.config: EngineConfig
         try:
-            self._router = ray.get_actor(f"{pool_name}:router", namespace=namespace)
+            primary = ray.get_actor(router_name(pool_name), namespace=namespace)
         except ValueError:
             raise RuntimeError(f"no pool named {pool_name!r} in namespace {namespace!r}") from None
+        pool_config = await await_ref(primary.get_pool_config.remote(), _CONTROL_TIMEOUT_S, "router")
         if engine is None:  # the pool's own description of this engine group
-            pool_config = await await_ref(self._router.get_pool_config.remote(), _CONTROL_TIMEOUT_S, "router")
             self.config = pool_config.engines[group]
         else:
             self.config = engine if isinstance(engine, EngineConfig) else EngineConfig(**engine)
-        self.engine_id = f"serve-{serve.get_replica_context().replica_id.unique_id}"
+        self.engine_id: str = f"serve-{serve.get_replica_context().replica_id.unique_id}"
+        shard = engine_shard(self.engine_id, pool_config.router.shards)  # the router shard that owns it
+        self._router: Any = primary if shard == 0 else ray.get_actor(router_name(pool_name, shard), namespace=namespace)
         self.info: EngineInfo = await self._start_engine()
 
     async def _start_engine(self) -> EngineInfo:

@@ -82,10 +82,6 @@ class PoolGateway:
         return self._pool
 
     @staticmethod
-    def _router(pool: Pool) -> Any:
-        return pool.router
-
-    @staticmethod
     def _stores(pool: Pool) -> list[Any]:
         return pool.session_stores()
 
@@ -94,7 +90,7 @@ class PoolGateway:
         fetched, ctx = self._context
         if time.monotonic() - fetched < self._info_ttl_s and ctx is not None:
             return ctx
-        infos = await await_ref(self._router(pool).engine_infos.remote(), _CONTROL_TIMEOUT_S, "router")
+        infos = await pool.routers.aengine_infos()
         ctx = min((i.max_model_len for i in infos), default=None)
         self._context = (time.monotonic(), ctx)
         return ctx
@@ -112,7 +108,7 @@ class PoolGateway:
     async def health(self) -> dict[str, Any]:
         """Raises NoHealthyEngineError unless the router answers and an engine is healthy."""
         pool = await self.pool()
-        load = await await_ref(self._router(pool).load.remote(), _CONTROL_TIMEOUT_S, "router")
+        load = {eid: e for part in await pool.routers.agather("load") for eid, e in part.items()}
         healthy = sorted(eid for eid, e in load.items() if e.get("healthy"))
         if not healthy:
             raise NoHealthyEngineError(f"pool {self.pool_name!r} has no healthy engine ({len(load)} registered)")
@@ -120,7 +116,7 @@ class PoolGateway:
 
     async def models(self) -> dict[str, Any]:
         pool = await self.pool()
-        infos = await await_ref(self._router(pool).engine_infos.remote(), _CONTROL_TIMEOUT_S, "router")
+        infos = await pool.routers.aengine_infos()
         name = pool.model_name()
         return {
             "object": "list",

@@ -45,16 +45,28 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats, default=str, indent=2))
         return 0
-    print(f"pool {stats['pool']}: policy {stats['router']['policy']}, {stats['router']['leases']} leases")
+    router = stats["router"]
+    print(f"pool {stats['pool']}: policy {router['policy']}, {router['leases']} leases, router on {_where(router)}")
     for eid, e in sorted(stats["engines"].items()):
         print(
-            f"  {eid}: {'healthy' if e.get('healthy') else 'UNHEALTHY'} "
+            f"  {eid}: {'healthy' if e.get('healthy') else 'UNHEALTHY'} on {_where(e)} "
             f"in_flight={e.get('in_flight')} served={e.get('served')} failed={e.get('failed')} "
-            f"tokens={e.get('generated_tokens')} {e.get('error', '')}"
+            f"tokens={e.get('generated_tokens')} {e.get('error', '')}".rstrip()
         )
-    for shard, count in sorted(stats.get("sessions", {}).items()):
-        print(f"  sessions[{shard}]: {count}")
+    for shard, entry in sorted(stats.get("sessions", {}).items()):
+        counts = {k: v for k, v in entry.items() if k not in _PLACE_KEYS}
+        print(f"  sessions[{shard}] on {_where(entry)}: {counts}")
     return 0
+
+
+_PLACE_KEYS = ("node_id", "actor_state", "restarts")
+
+
+def _where(entry: dict[str, object]) -> str:
+    """``node <id>`` of a stats entry, with the actor's state when it is not ALIVE."""
+    node = str(entry.get("node_id") or "?")
+    state = entry.get("actor_state")
+    return f"node {node}" + (f" ({state})" if state and state != "ALIVE" else "")
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import ray
 
 from inferpool.actors.backends.base import PauseMode
-from inferpool.actors.fleet import Fleet, find_router
+from inferpool.actors.fleet import Fleet, find_router, find_routers
 from inferpool.chat import ChatRenderer, load_renderer, validate_messages
 from inferpool.config import PoolConfig, WeightTransferMethod
 from inferpool.errors import ConfigError, RequestError, SessionError
@@ -29,6 +29,7 @@ from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref, ensure_ray, get_re
 from inferpool.reasoning import ReasoningConfig
 from inferpool.routing.batching import CallBatcher, LoopLocal
 from inferpool.routing.dispatch import Dispatcher
+from inferpool.routing.shards import RouterSet
 from inferpool.sequences import is_session_id, new_session_id, shard_of
 from inferpool.stats import pool_metrics, pool_stats
 from inferpool.turns import chat_turn, completion_turn, text_call, text_chat
@@ -63,16 +64,22 @@ class Pool:
     """A pool of engine actors behind one router. Create with :meth:`start` or :meth:`connect`."""
 
     def __init__(
-        self, config: PoolConfig, router: Any, infos: Sequence[EngineInfo] = (), stores: Sequence[Any] = ()
+        self,
+        config: PoolConfig,
+        routers: Any,
+        infos: Sequence[EngineInfo] = (),
+        stores: Sequence[Any] = (),
     ) -> None:
+        """``routers``: the router shards in shard order (a list; or the one router)."""
         self.config = config
         self.name = config.name
         self.namespace = config.namespace
-        self._router = router
+        self.routers = RouterSet(list(routers) if isinstance(routers, list | tuple) else [routers])
+        self._router = self.routers.primary
         self._stores: list[Any] = list(stores)
-        self.dispatcher = Dispatcher(router, config, infos)
-        self.fleet = Fleet(config, router)
-        self._weights = WeightPusher(config, router, self.fleet.broadcast)
+        self.dispatcher = Dispatcher(self.routers, config, infos)
+        self.fleet = Fleet(config, self.routers)
+        self._weights = WeightPusher(config, self.routers, self.fleet.broadcast)
         self._renderer: ChatRenderer | None = None
         self._recorders: dict[int, LoopLocal[CallBatcher]] = {}
 
@@ -95,7 +102,7 @@ class Pool:
                 field="name",
             )
         fleet = Fleet.start_router(config)
-        pool = cls(config, fleet.router)
+        pool = cls(config, fleet.routers.routers)
         try:
             specs: list[tuple[str, int]] = []
             for g, group in enumerate(config.engines):
@@ -118,13 +125,14 @@ class Pool:
         if router is None:
             raise ConfigError(f"name: no pool named {name!r} in namespace {namespace!r}", field="name")
         config = get_ref(router.get_pool_config.remote(), timeout_s, "router")
-        infos = get_ref(router.engine_infos.remote(), timeout_s, "router")
+        routers = find_routers(config)
+        infos = routers.engine_infos()
         stores = get_ref(router.stores.remote(), timeout_s, "router")
-        return cls(config, router, infos, stores)
+        return cls(config, routers.routers, infos, stores)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A pool passed to a Ray task arrives there connected to the same actors.
-        return (Pool, (self.config, self._router, self.engine_infos_known(), self._stores))
+        return (Pool, (self.config, self.routers.routers, self.engine_infos_known(), self._stores))
 
     # -- generation ---------------------------------------------------------------------
     async def generate(
@@ -387,11 +395,11 @@ class Pool:
 
     def set_engine_weight(self, engine_id: str, weight: float) -> None:
         """Scale one engine's usable capacity (0..1) at run time."""
-        get_ref(self._router.set_engine_weight.remote(engine_id, weight), CONTROL_TIMEOUT_S, "router")
+        get_ref(self.routers.owner(engine_id).set_engine_weight.remote(engine_id, weight), CONTROL_TIMEOUT_S, "router")
 
     def set_workload_weight(self, workload: str, weight: float) -> None:
         """Cap a workload's share (0..1) of capacity at run time; 0 parks it."""
-        get_ref(self._router.set_workload_weight.remote(workload, weight), CONTROL_TIMEOUT_S, "router")
+        self.routers.gather("set_workload_weight", workload, weight)
 
     def engine_infos_known(self) -> list[EngineInfo]:
         """The engines this process knows of (no router call)."""
@@ -401,8 +409,7 @@ class Pool:
         return sorted(self.dispatcher.engines.known_infos())
 
     def engine_infos(self) -> list[EngineInfo]:
-        infos: list[EngineInfo] = get_ref(self._router.engine_infos.remote(), CONTROL_TIMEOUT_S, "router")
-        return infos
+        return self.routers.engine_infos()
 
     def engine_handle(self, engine_id: str) -> Any:
         """The actor handle of one engine (for lifecycle calls and tests)."""
@@ -410,11 +417,11 @@ class Pool:
 
     def stats(self) -> dict[str, Any]:
         """Engines (health, load, counters, node), session shards and router state, as plain dicts."""
-        return pool_stats(self.config, self._router, self._stores)
+        return pool_stats(self.config, self.routers, self._stores)
 
     def metrics_snapshot(self) -> dict[str, float]:
         """Every metric series of the pool as one flat dict (see :func:`inferpool.stats.pool_metrics`)."""
-        return pool_metrics(self._router, self._stores)
+        return pool_metrics(self.routers, self._stores)
 
     def scale(self, replicas: int, group: int = 0, drain_timeout_s: float = 60.0) -> list[str]:
         """Set the replica count of an engine group; returns the engine ids now in the group."""

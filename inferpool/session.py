@@ -29,12 +29,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import ray
+from ray import exceptions as rex
 
+from inferpool.errors import EngineDeadError, SessionError
 from inferpool.openai_types import ChatCompletion, Completion
 from inferpool.ray_utils import await_ref
 from inferpool.reasoning import ReasoningConfig
 from inferpool.routing.batching import LoopLocal
-from inferpool.sequences import SessionOptions, SessionState
+from inferpool.sequences import SessionOptions, SessionState, shard_of
 from inferpool.session_sync import rebuild, to_wire
 from inferpool.session_tree import SessionTree
 from inferpool.staleness import staleness_check
@@ -89,6 +91,12 @@ class Session:
             record = (self.session_id, self._create(), wires, done.ambiguous, done.rerendered)
             try:
                 await self.pool.session_recorder(self.session_id).submit(record)
+            except EngineDeadError as exc:
+                self._mirror = None
+                lost = self._store_lost(exc)
+                if lost is None:
+                    raise
+                raise lost from exc
             except BaseException:
                 self._mirror = None  # the store may hold more or less than the mirror now: fetch it again
                 raise
@@ -105,7 +113,29 @@ class Session:
         return None if self._existing else self._options
 
     async def _call(self, ref: ray.ObjectRef) -> Any:
-        return await await_ref(ref, self.pool.session_timeout_s(), f"session {self.session_id}")
+        try:
+            return await await_ref(ref, self.pool.session_timeout_s(), f"session {self.session_id}")
+        except EngineDeadError as exc:
+            lost = self._store_lost(exc)
+            if lost is None:
+                raise
+            raise lost from exc
+
+    def _store_lost(self, exc: EngineDeadError) -> SessionError | None:
+        """A store call's actor death as a SessionError naming the shard (stores are not restarted:
+        the session's state went with it); None for an engine's death inside a store turn."""
+        cause = exc.__cause__
+        if not isinstance(cause, rex.RayActorError):
+            return None
+        shard = shard_of(self.session_id, len(self.pool.session_stores()))
+        reason = " ".join(str(cause).split())[:300]
+        where = f"session {self.session_id}: session store shard {shard} of pool {self.pool.name!r}"
+        if isinstance(cause, rex.ActorUnavailableError):  # not (yet) known to be dead
+            what = "is unreachable; if its node was lost, the session's state, which lived only there, is lost"
+        else:
+            node = " (its node was lost)" if "node" in reason.lower() and "died" in reason.lower() else ""
+            what = f"is gone{node}; the session's state lived only there and is lost"
+        return SessionError(f"{where} {what}. Ray: {reason}", field="session_id")
 
     async def chat(
         self,
@@ -253,7 +283,7 @@ class Session:
         many requests were aborted (0 when nothing was running)."""
         here = await self.pool.dispatcher.abort_session(self.session_id)  # turns run in this process
         ref = self._store.abort.remote(self.session_id, missing_ok=not self._existing)
-        return here + int(await await_ref(ref, self.pool.session_timeout_s(), f"session {self.session_id}"))
+        return here + int(await self._call(ref))
 
     async def reset(self) -> None:
         """Drop every stored sequence (the session stays open)."""

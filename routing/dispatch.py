@@ -35,6 +35,7 @@ from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref, bounded
 from inferpool.routing.batching import CallBatcher, LoopLocal
 from inferpool.routing.engines import EngineView
 from inferpool.routing.leases import Lease, LeaseAsk, LeaseReturn
+from inferpool.routing.shards import RouterSet, engine_shard
 from inferpool.types import Choice, EngineInfo, GenerateRequest, GenerateResult, SamplingParams, Split
 from inferpool.validation import check_request
 
@@ -94,6 +95,8 @@ class Held:
     leases: list[Lease] = dataclasses.field(default_factory=list)
     ok: bool = False
     attempts: int = 1
+    shard: int | None = None  # the router shard that granted the leases
+    asking: int | None = None  # the shard an unanswered ask is at (the caller may be cancelled meanwhile)
 
     @property
     def engine_id(self) -> str:
@@ -103,17 +106,24 @@ class Held:
 class Dispatcher:
     """Routes requests of one process to a pool's engines (see the module docstring)."""
 
-    def __init__(self, router: Any, config: PoolConfig, infos: Sequence[EngineInfo] = ()) -> None:
-        self.router = router
+    def __init__(self, routers: Any, config: PoolConfig, infos: Sequence[EngineInfo] = ()) -> None:
+        """``routers``: the pool's router shards (a :class:`RouterSet`, a list, or one handle)."""
+        self.routers = (
+            routers
+            if isinstance(routers, RouterSet)
+            else RouterSet(list(routers) if isinstance(routers, list | tuple) else [routers])
+        )
+        self.router = self.routers.primary
         self.config = config
-        self.engines = EngineView(router, config, infos)
+        self.engines = EngineView(self.routers, config, infos)
         self._prefix = uuid.uuid4().hex[:8]
         self._ids = itertools.count()
-        # every lease asked for and given back in one event-loop turn travels in one router call
+        # every lease asked for and given back in one event-loop turn travels in one call per shard
         acquire_timeout = config.router.acquire_timeout_s + 10
-        self._leases: LoopLocal[CallBatcher] = LoopLocal(
-            lambda: CallBatcher(router.exchange.remote, acquire_timeout, "router lease exchange")
-        )
+        self._lease_calls: list[LoopLocal[CallBatcher]] = [
+            LoopLocal(lambda r=r: CallBatcher(r.exchange.remote, acquire_timeout, "router lease exchange"))
+            for r in self.routers.routers
+        ]
         # session_id -> {request_id: engine_id, or None while routing}: what abort_session reaches
         self._session_requests: dict[str, dict[str, str | None]] = defaultdict(dict)
         self._aborted: set[str] = set()  # request ids aborted before they reached an engine
@@ -143,6 +153,14 @@ class Dispatcher:
         await self.check(request)
         return await self.generate(request, timeout_s)
 
+    def _first_shard(self, session_id: str | None) -> int:
+        """The shard a request asks first: its session's (affinity), else this process's own
+        (callers spread over the shards; one caller's asks batch into one call per loop turn)."""
+        shards = len(self.routers)
+        if shards == 1:
+            return 0
+        return engine_shard(session_id if session_id is not None else self._prefix, shards)
+
     @contextlib.asynccontextmanager
     async def lease(self, ask: LeaseAsk) -> AsyncIterator[Held]:
         """Hold the leases of ``ask`` for the body; they are given back on every way out.
@@ -155,36 +173,47 @@ class Dispatcher:
         held = Held(ask.ticket)
         cancelled = False
         try:
-            held.leases = await self._acquire(ask)
+            await self._acquire(ask, held)
             yield held
         except asyncio.CancelledError:
             cancelled = True
             raise
         finally:
-            done = self._leases.get().enqueue(LeaseReturn(ask.ticket, None, held.ok, held.attempts))
-            if not cancelled:
-                try:
-                    await bounded(asyncio.shield(done), _RELEASE_CONFIRM_S)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # the router is gone or slow: it reaps expired leases itself
-                    logger.warning("lease release was not confirmed", exc_info=True)
+            shard = held.shard if held.shard is not None else held.asking
+            if shard is not None:  # else every shard asked answered: nothing granted, nothing to close
+                done = self._lease_calls[shard].get().enqueue(LeaseReturn(ask.ticket, None, held.ok, held.attempts))
+                if not cancelled:
+                    try:
+                        await bounded(asyncio.shield(done), _RELEASE_CONFIRM_S)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:  # the router is gone or slow: it reaps expired leases itself
+                        logger.warning("lease release was not confirmed", exc_info=True)
 
-    async def _acquire(self, ask: LeaseAsk) -> list[Lease]:
-        """Lease slots: at once through the batcher, else a bounded wait in the router; if the
-        router actor died, wait (bounded) for Ray to restart it."""
+    async def _acquire(self, ask: LeaseAsk, held: Held) -> None:
+        """Lease slots for ``held``: at once from the first shard, else at once from the others,
+        else a bounded wait at the first; if a router actor died, wait (bounded) for Ray to
+        restart it."""
+        first = self._first_shard(ask.session_id)
+        order = [(first + k) % len(self.routers) for k in range(len(self.routers))]
         deadline = time.monotonic() + _ROUTER_RESTART_S
         delay = 0.05
         while True:
             try:
-                leases: list[Lease] = await self._leases.get().submit(ask)
-                if not leases:
-                    leases = await await_ref(
-                        self.router.lease_wait.remote(ask),
-                        self.config.router.acquire_timeout_s + 10,
-                        "router acquire",
-                    )
-                return leases
+                for shard in order:
+                    held.asking = shard
+                    leases: list[Lease] = await self._lease_calls[shard].get().submit(ask)
+                    if leases:
+                        held.leases, held.shard, held.asking = leases, shard, None
+                        return
+                held.asking = first
+                held.leases = await await_ref(
+                    self.routers.routers[first].lease_wait.remote(ask),
+                    self.config.router.acquire_timeout_s + 10,
+                    "router acquire",
+                )
+                held.shard, held.asking = first, None
+                return
             except EngineDeadError:
                 if time.monotonic() > deadline:
                     raise
@@ -209,7 +238,7 @@ class Dispatcher:
         return await await_ref(call(handle), timeout, f"engine {engine_id}")
 
     def _report_failure(self, engine_id: str, exc: Exception) -> None:
-        self.router.report_failure.remote(engine_id, str(exc))
+        self.routers.owner(engine_id).report_failure.remote(engine_id, str(exc))
 
     async def generate(self, request: GenerateRequest, timeout_s: float | None = None) -> GenerateResult:
         """Serve one (checked) request: ``n`` above ``RouterConfig.max_n_per_request`` is split
@@ -342,7 +371,8 @@ class Dispatcher:
             self._report_failure(engine_id, exc)
             outs = [exc] * len(idx)
         finally:  # these slots are free now; the batch's ticket is closed when the batch ends
-            self._leases.get().enqueue(LeaseReturn(held.ticket, tuple(le.lease_id for le in leases), ok))
+            lease_ids = tuple(le.lease_id for le in leases)
+            self._lease_calls[held.shard or 0].get().enqueue(LeaseReturn(held.ticket, lease_ids, ok))
         retry = []
         for i, out in zip(idx, outs, strict=True):
             if isinstance(out, GenerateResult):

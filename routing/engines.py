@@ -11,25 +11,22 @@ from typing import Any
 
 from inferpool.config import PoolConfig
 from inferpool.errors import EngineError
-from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref
+from inferpool.routing.shards import RouterSet
 from inferpool.types import EngineInfo
 
 
 class EngineView:
     """One process's view of the engine registry (see the module docstring)."""
 
-    def __init__(self, router: Any, config: PoolConfig, infos: Sequence[EngineInfo] = ()) -> None:
-        self.router = router
+    def __init__(self, routers: RouterSet, config: PoolConfig, infos: Sequence[EngineInfo] = ()) -> None:
+        self.routers = routers
         self.config = config
         self._handles: dict[str, Any] = {}
         self._infos: dict[str, EngineInfo] = {i.engine_id: i for i in infos}
 
     async def refresh(self) -> None:
         """Re-read the engine registry (handles and static facts) from the router."""
-        infos, handles = await asyncio.gather(
-            await_ref(self.router.engine_infos.remote(), CONTROL_TIMEOUT_S, "router"),
-            await_ref(self.router.engines.remote(), CONTROL_TIMEOUT_S, "router"),
-        )
+        infos, handles = await asyncio.gather(self.routers.aengine_infos(), self.routers.aengines())
         self._infos = {i.engine_id: i for i in infos}
         self._handles = dict(handles)
 

@@ -18,6 +18,7 @@ import ray
 from inferpool.config import PoolConfig, RouterConfig
 from inferpool.ray_utils import bounded
 from inferpool.routing.policy import EngineSlot
+from inferpool.routing.shards import engine_shard
 from inferpool.types import EngineInfo
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ class EngineEntry:
     failures: int = 0
     prefix_cache_hit_rate: float | None = None
     last_error: str = ""
-
 
 
 def _as_future(ref: Any) -> Any:
@@ -54,6 +54,7 @@ class HealthChecks:
     _health_task: asyncio.Task[None] | None
     _latest_weights: tuple[list[Any], int | str] | None
     _versions: dict[str, int]
+    shard: int
 
     async def _notify(self) -> None:
         raise NotImplementedError
@@ -82,13 +83,15 @@ class HealthChecks:
             asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True), self.config.health_timeout_s
         )
         engines, stores = [], []
+        shards = self.config.shards
         for entry in actors:
             if entry.get("namespace") != namespace:
                 continue
             actor_name = entry.get("name", "")
             if actor_name.startswith(f"{name}:engine:"):
-                engines.append(actor_name)
-            elif actor_name.startswith(f"{name}:sessions:"):
+                if engine_shard(actor_name.split(":engine:", 1)[1], shards) == self.shard:  # this shard's
+                    engines.append(actor_name)
+            elif actor_name.startswith(f"{name}:sessions:") and self.shard == 0:
                 stores.append(actor_name)
         for actor_name in engines:
             try:

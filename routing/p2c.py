@@ -12,6 +12,9 @@ from collections.abc import Sequence
 
 from inferpool.routing.policy import EngineSlot, RouteRequest, candidates
 
+_SCAN_BELOW = 16  # pools this small are scanned
+_DRAWS = 32  # random draws before falling back to a scan
+
 
 class PowerOfTwo:
     """Pick two distinct candidates at random; choose the one with more free slots.
@@ -35,13 +38,29 @@ class PowerOfTwo:
         self._rng = random.Random(seed)
 
     def choose(self, engines: Sequence[EngineSlot], request: RouteRequest) -> EngineSlot | None:
-        pool = candidates(engines, request)
-        if not pool:
-            return None
-        if len(pool) == 1:
-            return pool[0]
-        a, b = self._rng.sample(pool, 2)
+        pair = self._sample_two(engines, request) if len(engines) > _SCAN_BELOW else None
+        if pair is None:  # small pools, or few engines can take it: scan
+            pool = candidates(engines, request)
+            if not pool:
+                return None
+            if len(pool) == 1:
+                return pool[0]
+            pair = self._rng.sample(pool, 2)
+        a, b = pair
         return b if b.free(request.split) > a.free(request.split) else a
+
+    def _sample_two(self, engines: Sequence[EngineSlot], request: RouteRequest) -> list[EngineSlot] | None:
+        """Two distinct candidates drawn uniformly by rejection: O(1) expected per decision when
+        most engines can take the request (a fleet), None after a bounded number of draws."""
+        split, exclude = request.split, request.exclude
+        picked: list[EngineSlot] = []
+        for _ in range(_DRAWS):
+            e = engines[self._rng.randrange(len(engines))]
+            if e.healthy and e.engine_id not in exclude and e.free(split) > 0 and (not picked or e is not picked[0]):
+                picked.append(e)
+                if len(picked) == 2:
+                    return picked
+        return None
 
     def on_served(self, engine_id: str, request: RouteRequest) -> None:
         return None

@@ -36,9 +36,10 @@ class Router(HealthChecks):
     """Engine registry + selection policy + leases (health checks:
     :class:`~inferpool.routing.health.HealthChecks`)."""
 
-    def __init__(self, config: RouterConfig, pool_config: PoolConfig | None = None) -> None:
+    def __init__(self, config: RouterConfig, pool_config: PoolConfig | None = None, shard: int = 0) -> None:
         self.config = config
         self.pool_config = pool_config
+        self.shard = shard  # of RouterConfig.shards (routing/shards.py); 0 also holds the pool's ledger
         self.policy: Policy = make_policy(config.policy_target(), **policy_options(config))
         self.timings = RequestTimings()
         self.metrics = MetricsRegistry()
@@ -128,11 +129,14 @@ class Router(HealthChecks):
         self._versions[str(label)] = index
         return label
 
-    def set_latest_weights(self, chunks: list[Any], version: int | str) -> None:
+    def set_latest_weights(self, chunks: list[Any], version: int | str, index: int | None = None) -> None:
         """Keep the last object-store update (its chunk refs) so engines that start or restart
         later load it before they serve (a native update leaves None: those engines join the group
-        at the next update)."""
+        at the next update). ``index``: the update's place in the primary's ledger (other shards
+        learn it here)."""
         self._latest_weights = (list(chunks), version) if chunks else None
+        if index is not None:
+            self._versions[str(version)] = index
 
     def latest_weights(self) -> tuple[list[Any], int | str] | None:
         return self._latest_weights

@@ -27,6 +27,7 @@ from inferpool.actors.backends.base import PauseMode
 from inferpool.config import PoolConfig, WeightTransferMethod
 from inferpool.errors import RequestError
 from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref, get_ref
+from inferpool.routing.shards import RouterSet
 from inferpool.weights.groups import as_named_tensors, iter_named_tensors
 from inferpool.weights.trainer import NativeSender, PoolWeightSyncClient
 
@@ -56,9 +57,10 @@ def put_chunks(weights: Any, chunk_bytes: int) -> tuple[list[ray.ObjectRef], int
 class WeightPusher:
     """The pool side of weight updates (one per Pool object)."""
 
-    def __init__(self, config: PoolConfig, router: Any, broadcast: Broadcast) -> None:
+    def __init__(self, config: PoolConfig, routers: RouterSet, broadcast: Broadcast) -> None:
         self.config = config
-        self.router = router
+        self.routers = routers
+        self.router = routers.primary  # the weight-version ledger
         self._broadcast = broadcast
         self._sender: NativeSender | None = None  # native transfer: this process's end of the group
         self._lock = threading.Lock()
@@ -92,7 +94,7 @@ class WeightPusher:
             named = as_named_tensors(weights)
             label, index = await self._record_version(version)
             out = await asyncio.to_thread(self._send_native, named, label, pause_mode, timeout_s, index)
-            await await_ref(self.router.set_latest_weights.remote([], label), CONTROL_TIMEOUT_S, "router")
+            await self.routers.agather("set_latest_weights", [], label, index)
             return {"version": label, "seconds": time.perf_counter() - t0, "method": method, **out}
         if isinstance(weights, ray.ObjectRef):
             refs, nbytes = [weights], 0
@@ -103,7 +105,7 @@ class WeightPusher:
             "update_weights", lambda h: h.update_weights.remote(refs, label, pause_mode, index), timeout_s
         )
         keep = refs if self.config.weight_transfer.keep_latest else []
-        await await_ref(self.router.set_latest_weights.remote(keep, label), CONTROL_TIMEOUT_S, "router")
+        await self.routers.agather("set_latest_weights", keep, label, index)  # every shard restarts engines
         nbytes = nbytes or max((r["bytes"] for r in per_engine.values()), default=0)
         return {
             "version": label,
@@ -144,7 +146,7 @@ class WeightPusher:
 
     def _weight_sender(self, timeout_s: float) -> NativeSender:
         """This process's end of the transfer group, formed (again) when the engines changed."""
-        handles: dict[str, Any] = get_ref(self.router.engines.remote(), CONTROL_TIMEOUT_S, "router")
+        handles: dict[str, Any] = self.routers.engines()
         if self._sender is not None and self._sender.client.engine_ids == sorted(handles):
             joined = [
                 get_ref(h.weight_transfer_joined.remote(), CONTROL_TIMEOUT_S, f"engine {eid}")
@@ -153,7 +155,7 @@ class WeightPusher:
             if all(joined):
                 return self._sender
         self.drop_sender()
-        infos = {i.engine_id: i for i in get_ref(self.router.engine_infos.remote(), CONTROL_TIMEOUT_S, "router")}
+        infos = {i.engine_id: i for i in self.routers.engine_infos()}
         engines = [(eid, handles[eid], infos[eid].transfer_ranks if eid in infos else 1) for eid in sorted(handles)]
         client = PoolWeightSyncClient(engines, "keep", timeout_s)
         self._sender = NativeSender.form(self.config.weight_transfer, client, self.config.engines[0].backend)

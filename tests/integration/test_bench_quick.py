@@ -36,6 +36,7 @@ GOALS = {
     "routing_policies": 2,
     "sessions_vs_raw": 1,
     "store_turns": 1,
+    "router_fleet": 1,
 }
 
 

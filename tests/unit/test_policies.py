@@ -406,10 +406,7 @@ def test_p2c_is_reproducible_with_a_seed() -> None:
 
 
 def weighted(*weights: float, eval_quota: int = 64) -> list[EngineSlot]:
-    return [
-        EngineSlot(f"e{i}", capacity=512, eval_quota=eval_quota, weight=w)
-        for i, w in enumerate(weights)
-    ]
+    return [EngineSlot(f"e{i}", capacity=512, eval_quota=eval_quota, weight=w) for i, w in enumerate(weights)]
 
 
 def all_policies() -> list[Policy]:
@@ -490,3 +487,21 @@ def test_make_policy_rejects_bad_names_and_options() -> None:
         make_policy("session_affinity", max_sessions=0)
     with pytest.raises(ConfigError, match="bad options"):
         make_policy("least_loaded", seed=1)
+
+
+def test_p2c_on_a_fleet_samples_only_engines_that_can_take_the_request() -> None:
+    policy = PowerOfTwo(seed=2)
+    engines = [EngineSlot(f"e{i}", capacity=512, eval_quota=64, healthy=i % 2 == 1) for i in range(64)]
+    engines[5].train_in_flight = 448  # full
+    picks = {policy.choose(engines, RouteRequest(exclude=frozenset({"e7"}))).engine_id for _ in range(4000)}  # type: ignore[union-attr]
+    allowed = {f"e{i}" for i in range(1, 64, 2)} - {"e5", "e7"}
+    assert picks == allowed  # every engine that can take it is drawn, no other ever
+
+
+def test_p2c_on_a_fleet_falls_back_to_a_scan_when_few_can_take_it() -> None:
+    policy = PowerOfTwo(seed=0)
+    engines = [EngineSlot(f"e{i}", capacity=512, eval_quota=64, train_in_flight=448) for i in range(100)]
+    engines[42].train_in_flight = 0
+    assert policy.choose(engines, RouteRequest()).engine_id == "e42"  # type: ignore[union-attr]
+    engines[42].train_in_flight = 448
+    assert policy.choose(engines, RouteRequest()) is None

@@ -161,9 +161,7 @@ async def test_failed_turn_leaves_state_unchanged(session_pool: ip.Pool) -> None
         ([{"role": "user"}], "messages[0].content"),
     ],
 )
-async def test_bad_messages_are_rejected_and_state_unchanged(
-    session_pool: ip.Pool, messages: Any, field: str
-) -> None:
+async def test_bad_messages_are_rejected_and_state_unchanged(session_pool: ip.Pool, messages: Any, field: str) -> None:
     async with session_pool.session() as s:
         with pytest.raises(ip.RequestError) as info:
             await s.chat(messages, max_tokens=2)

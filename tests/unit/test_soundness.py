@@ -266,9 +266,7 @@ def test_a_model_that_is_nowhere_is_a_config_error_naming_the_field(
 
 
 async def test_chat_on_a_fake_pool_named_after_no_model_fails_fast(ray_session: None) -> None:
-    pool = ip.Pool.start(
-        ip.PoolConfig(name="unit-fake-model", engines=[ip.EngineConfig(backend="fake", model="fake")])
-    )
+    pool = ip.Pool.start(ip.PoolConfig(name="unit-fake-model", engines=[ip.EngineConfig(backend="fake", model="fake")]))
     try:
         async with pool.session() as s:  # a ConfigError, not a BackendError after hub download retries
             with pytest.raises(ip.ConfigError, match=r"EngineConfig\.model") as err:

@@ -31,9 +31,7 @@ def call(name: str, args: Any) -> str:
 
 
 def names_and_args(parsed: ParsedToolCalls) -> list[tuple[str, Any]]:
-    return [
-        (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed.tool_calls
-    ]
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed.tool_calls]
 
 
 @pytest.fixture
@@ -180,7 +178,7 @@ OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 @pytest.mark.parametrize(
     "text",
     [
-        pytest.param('Hi\n' + OPEN + '{"name": "f", "arguments": {"a": }' + CLOSE, id="bad-json"),
+        pytest.param("Hi\n" + OPEN + '{"name": "f", "arguments": {"a": }' + CLOSE, id="bad-json"),
         pytest.param(call("ok", {}) + "\n" + OPEN + '{"name": oops}' + CLOSE, id="second-bad"),
         pytest.param(OPEN + '{"arguments": {}}' + CLOSE, id="no-name"),
         pytest.param(OPEN + '{"name": "f", "arguments": [1]}' + CLOSE, id="args-list"),
@@ -233,9 +231,7 @@ def test_reconstruct_format() -> None:
         'Hi there.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n'
         '<tool_call>\n{"name": "g", "arguments": {"b": [1, 2]}}\n</tool_call>'
     )
-    assert reconstruct_raw_text(None, calls[:1]) == (
-        '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
-    )
+    assert reconstruct_raw_text(None, calls[:1]) == ('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>')
 
 
 @pytest.mark.parametrize(
@@ -309,16 +305,30 @@ TEXT = "<think>r</think>\nSure.\n" + call("a", {"x": 1}) + "\n" + call("b", {})
         pytest.param("auto", "length", ["a", "b"], "Sure.", "length", None, id="length-stays"),
         pytest.param("required", "stop", ["a", "b"], "Sure.", "tool_calls", None, id="required"),
         pytest.param(
-            "none", "tool_calls", [], "Sure.\n" + call("a", {"x": 1}) + "\n" + call("b", {}),
-            "stop", None, id="none",
+            "none",
+            "tool_calls",
+            [],
+            "Sure.\n" + call("a", {"x": 1}) + "\n" + call("b", {}),
+            "stop",
+            None,
+            id="none",
         ),
         pytest.param(
-            {"type": "function", "function": {"name": "b"}}, "stop", ["b"], "Sure.",
-            "tool_calls", None, id="named",
+            {"type": "function", "function": {"name": "b"}},
+            "stop",
+            ["b"],
+            "Sure.",
+            "tool_calls",
+            None,
+            id="named",
         ),
         pytest.param(
-            {"type": "function", "function": {"name": "zzz"}}, "stop", [],
-            "Sure.\n" + call("a", {"x": 1}) + "\n" + call("b", {}), "stop", "zzz",
+            {"type": "function", "function": {"name": "zzz"}},
+            "stop",
+            [],
+            "Sure.\n" + call("a", {"x": 1}) + "\n" + call("b", {}),
+            "stop",
+            "zzz",
             id="named-missing",
         ),
     ],
@@ -358,9 +368,7 @@ def test_auto_without_call_keeps_finish(parser: ToolParser) -> None:
     assert apply_tool_choice(parsed, "auto", "length")[1] == "length"
 
 
-@pytest.mark.parametrize(
-    "bad", ["sometimes", {"type": "function"}, {"type": "function", "function": {}}, {"x": 1}, 3]
-)
+@pytest.mark.parametrize("bad", ["sometimes", {"type": "function"}, {"type": "function", "function": {}}, {"x": 1}, 3])
 def test_invalid_tool_choice(parser: ToolParser, bad: Any) -> None:
     with pytest.raises(RequestError) as info:
         apply_tool_choice(parser.parse("x"), bad, "stop")
