@@ -36,7 +36,7 @@ from inferpool.sequences import SessionOptions, SessionState
 from inferpool.session_sync import SegmentWire, adopt, export
 from inferpool.session_tree import SessionTree
 from inferpool.staleness import staleness_check
-from inferpool.turns import Turn, chat_turn, completion_turn, placeholder_chat_turn, render_key
+from inferpool.turns import ChatAsk, Turn, chat_turn, completion_turn, placeholder_chat_turn, render_key
 from inferpool.types import Split
 
 logger = logging.getLogger(__name__)
@@ -172,36 +172,12 @@ class SessionStore:
             )
 
     # -- turns ------------------------------------------------------------------------
-    async def chat(
-        self,
-        session_id: str,
-        create: SessionOptions | None,
-        messages: Any,
-        n: int = 1,
-        sampling: dict[str, Any] | None = None,
-        tools: list[dict[str, Any]] | None = None,
-        tool_choice: Any = None,
-        reasoning: ReasoningConfig | None = None,
-        chat_template_kwargs: dict[str, Any] | None = None,
-        split: Split = "train",
-        extends: str | None = None,
-        continue_final: bool = False,
-    ) -> ChatCompletion:
+    async def chat(self, session_id: str, create: SessionOptions | None, ask: ChatAsk) -> ChatCompletion:
         if await self.dispatcher.engines.text_only():
             self._check_placeholders()
 
             async def placeholder(entry: _Entry) -> Turn:
-                return await placeholder_chat_turn(
-                    self.dispatcher,
-                    messages,
-                    n=n,
-                    sampling=sampling,
-                    tools=tools,
-                    tool_choice=tool_choice,
-                    reasoning=reasoning,
-                    tree=entry.tree,
-                    split=split,
-                )
+                return await placeholder_chat_turn(self.dispatcher, ask, tree=entry.tree)
 
             out: ChatCompletion = await self._run(session_id, create, placeholder)
             return out
@@ -211,20 +187,11 @@ class SessionStore:
             return await chat_turn(
                 self.dispatcher,
                 renderer,
-                messages,
-                n=n,
-                sampling=sampling,
-                tools=tools,
-                tool_choice=tool_choice,
+                ask,
                 tool_parser=entry.options.tool_parser,
-                reasoning=reasoning,
-                chat_template_kwargs=chat_template_kwargs,
                 tree=entry.tree,
-                split=split,
                 model_name=self.config.model_name(),
                 stale=await staleness_check(self.router, self.config.router, entry.tree),
-                extends=extends,
-                continue_final=continue_final,
             )
 
         result: ChatCompletion = await self._run(session_id, create, turn)

@@ -32,7 +32,7 @@ from inferpool.routing.dispatch import Dispatcher
 from inferpool.routing.shards import RouterSet
 from inferpool.sequences import is_session_id, new_session_id, shard_of
 from inferpool.stats import pool_metrics, pool_stats
-from inferpool.turns import chat_turn, completion_turn, text_call, text_chat
+from inferpool.turns import ChatAsk, chat_turn, completion_turn, text_call, text_chat
 from inferpool.types import EngineInfo, GenerateRequest, GenerateResult, PromptLogprobs, SamplingParams, Split
 from inferpool.weights.push import WeightPusher
 
@@ -219,19 +219,12 @@ class Pool:
         split = _split(split)
         if await self.dispatcher.engines.text_only():
             return await text_chat(self.dispatcher, messages, n, tools, tool_choice, reasoning, split, sampling)
-        done = await chat_turn(
-            self.dispatcher,
-            await asyncio.to_thread(self.renderer),
-            messages,
-            n=n,
-            sampling=sampling,
-            tools=tools,
-            tool_choice=tool_choice,
-            reasoning=reasoning,
-            chat_template_kwargs=chat_template_kwargs,
-            split=split,
-            model_name=self.model_name(),
+        ask = ChatAsk(
+            messages, n, sampling, tools, tool_choice, reasoning, chat_template_kwargs, split,
             continue_final=continue_final_message,
+        )  # fmt: skip
+        done = await chat_turn(
+            self.dispatcher, await asyncio.to_thread(self.renderer), ask, model_name=self.model_name()
         )
         out: ChatCompletion = done.response
         return out

@@ -40,7 +40,7 @@ from inferpool.sequences import SessionOptions, SessionState, shard_of
 from inferpool.session_sync import rebuild, to_wire
 from inferpool.session_tree import SessionTree
 from inferpool.staleness import staleness_check
-from inferpool.turns import Stale, Turn, chat_turn, completion_turn
+from inferpool.turns import ChatAsk, Stale, Turn, chat_turn, completion_turn
 from inferpool.types import Split
 
 if TYPE_CHECKING:
@@ -161,6 +161,10 @@ class Session:
         ``continue_final_message=True`` a continuation of that message.
         """
         reasoning = self.pool.effective_reasoning(reasoning, skip_reasoning)
+        ask = ChatAsk(
+            messages, n, sampling, tools, tool_choice, reasoning, chat_template_kwargs, split, extends,
+            continue_final_message,
+        )  # fmt: skip
         if await self._here():
             renderer = await self._renderer()
 
@@ -168,40 +172,16 @@ class Session:
                 return await chat_turn(
                     self.pool.dispatcher,
                     renderer,
-                    messages,
-                    n=n,
-                    sampling=sampling,
-                    tools=tools,
-                    tool_choice=tool_choice,
+                    ask,
                     tool_parser=self._options.tool_parser,
-                    reasoning=reasoning,
-                    chat_template_kwargs=chat_template_kwargs,
                     tree=tree,
-                    split=split,
                     model_name=self.pool.model_name(),
                     stale=stale,
-                    extends=extends,
-                    continue_final=continue_final_message,
                 )
 
             local: ChatCompletion = await self._run_here(run)
             return local
-        out: ChatCompletion = await self._call(
-            self._store.chat.remote(
-                self.session_id,
-                self._create(),
-                messages,
-                n,
-                sampling,
-                tools,
-                tool_choice,
-                reasoning,
-                chat_template_kwargs,
-                split,
-                extends,
-                continue_final_message,
-            )
-        )
+        out: ChatCompletion = await self._call(self._store.chat.remote(self.session_id, self._create(), ask))
         return out
 
     async def complete(

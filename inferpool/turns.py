@@ -45,6 +45,23 @@ logger = logging.getLogger(__name__)
 Stale = Callable[[Segment], bool]
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatAsk:
+    """What a client asks of one chat turn, as it travels from the caller to wherever the turn
+    runs (the caller's process, a session store, a stateless ``pool.chat``)."""
+
+    messages: Any
+    n: int = 1
+    sampling: Mapping[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    reasoning: ReasoningConfig | None = None
+    chat_template_kwargs: Mapping[str, Any] | None = None
+    split: Split = "train"
+    extends: str | None = None
+    continue_final: bool = False
+
+
 @dataclasses.dataclass
 class Turn:
     """A turn's response and what to record once it succeeded."""
@@ -92,29 +109,21 @@ def _metadata(result: GenerateResult, index: int, flags: Mapping[str, Any]) -> d
 async def chat_turn(
     dispatcher: Dispatcher,
     renderer: ChatRenderer,
-    messages: Any,
+    ask: ChatAsk,
     *,
-    n: int = 1,
-    sampling: Mapping[str, Any] | None = None,
-    tools: list[dict[str, Any]] | None = None,
-    tool_choice: Any = None,
     tool_parser: str = "hermes",
-    reasoning: ReasoningConfig | None = None,
-    chat_template_kwargs: Mapping[str, Any] | None = None,
     tree: SessionTree | None = None,
-    split: Split = "train",
     model_name: str = "",
     stale: Stale | None = None,
-    extends: str | None = None,
-    continue_final: bool = False,
 ) -> Turn:
     """Run one chat turn; with ``tree`` the prompt extends the sequence the messages continue."""
-    msgs = validate_messages(messages)
-    sp = sampling_from(n, sampling or {})
-    kwargs = template_kwargs_for(reasoning, chat_template_kwargs)
+    msgs = validate_messages(ask.messages)
+    sp = sampling_from(ask.n, ask.sampling or {})
+    tools, tool_choice, continue_final = ask.tools, ask.tool_choice, ask.continue_final
+    kwargs = template_kwargs_for(ask.reasoning, ask.chat_template_kwargs)
     key = render_key(tools, kwargs)
     # render: stored tokens + only the new suffix when a stored sequence is extended
-    match = tree.match_chat(msgs, extends) if tree is not None else Match()
+    match = tree.match_chat(msgs, ask.extends) if tree is not None else Match()
     parent, flags = _parent(match, key, stale)
     continuing = parent is not None and match.stored == len(msgs) and continue_final
     if continuing:
@@ -137,7 +146,7 @@ async def chat_turn(
         )
         prompt = np.asarray(suffix_ids, np.int64)
     # dispatch
-    result = await dispatcher.submit(prompt, sp, split, tree.session_id if tree is not None else None)
+    result = await dispatcher.submit(prompt, sp, ask.split, tree.session_id if tree is not None else None)
     # record
     choices: list[ChatChoice] = []
     segments: list[Segment] = []
@@ -175,7 +184,7 @@ async def chat_turn(
                 index=c.index,
                 message=message,
                 finish_reason=finish,
-                logprobs=logprobs_json(renderer, c, sp.logprobs) if (sampling or {}).get("logprobs") else None,
+                logprobs=logprobs_json(renderer, c, sp.logprobs) if (ask.sampling or {}).get("logprobs") else None,
                 token_ids=c.token_ids,
                 token_logprobs=c.logprobs,
                 **extra,
@@ -284,29 +293,20 @@ async def text_chat(
     return ChatCompletion(**await text_call(dispatcher, "chat", body, split))
 
 
-async def placeholder_chat_turn(
-    dispatcher: Dispatcher,
-    messages: Any,
-    *,
-    n: int = 1,
-    sampling: Mapping[str, Any] | None = None,
-    tools: list[dict[str, Any]] | None = None,
-    tool_choice: Any = None,
-    reasoning: ReasoningConfig | None = None,
-    tree: SessionTree,
-    split: Split = "train",
-) -> Turn:
+async def placeholder_chat_turn(dispatcher: Dispatcher, ask: ChatAsk, *, tree: SessionTree) -> Turn:
     """A chat turn on a text-only engine (hosted API), recorded with placeholder tokens.
 
     The real text is kept (``full_text``, ``messages``); every position holds a placeholder
     id (-1 for prompt characters, -2 for sampled ones), nothing is trainable and the node's
     metadata says ``placeholder_tokens: True``. Not token-exact: never train on these ids.
     """
-    msgs = validate_messages(messages)
+    msgs = validate_messages(ask.messages)
     match = tree.match_chat(msgs)
     parent = match.parent
     new_text = json.dumps(msgs[match.stored :] if parent is not None else msgs, ensure_ascii=False)
-    out = await text_chat(dispatcher, msgs, n, tools, tool_choice, reasoning, split, dict(sampling or {}))
+    out = await text_chat(
+        dispatcher, msgs, ask.n, ask.tools, ask.tool_choice, ask.reasoning, ask.split, dict(ask.sampling or {})
+    )
     segments = []
     for choice in out.choices:
         reply = choice.message.content or ""

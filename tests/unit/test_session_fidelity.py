@@ -26,7 +26,7 @@ import inferpool as ip
 from inferpool.chat import ChatRenderer
 from inferpool.message_index import coarse_key, fine_match
 from inferpool.session_tree import SessionTree
-from inferpool.turns import Turn, chat_turn, completion_turn
+from inferpool.turns import ChatAsk, Turn, chat_turn, completion_turn
 from inferpool.types import Choice, GenerateResult, SamplingParams
 
 OLD_SENTINEL = "\u2063\u2063inferpool-sentinel\u2063\u2063"
@@ -71,7 +71,8 @@ async def turn(
     **kw: Any,
 ) -> Turn:
     engine.script.append(replies)
-    done = await chat_turn(engine, renderer, messages, n=len(replies), tree=tree, **kw)  # type: ignore[arg-type]
+    ask = ChatAsk(messages, len(replies), **kw)
+    done = await chat_turn(engine, renderer, ask, tree=tree)  # type: ignore[arg-type]
     tree.record(done.segments)
     return done
 
@@ -304,7 +305,7 @@ async def _play(renderer: ChatRenderer, plan: list[Any], use_tools: bool, track_
             else [{"role": "user", "content": text}]
         )
         engine.script.append([renderer.encode("probe")])
-        probe = await chat_turn(engine, renderer, msgs, tree=tree, tools=tools)  # type: ignore[arg-type]
+        probe = await chat_turn(engine, renderer, ChatAsk(msgs, tools=tools), tree=tree)  # type: ignore[arg-type]
         prompt = engine.prompts[-1]
         if how == "keep":  # the node id names the sequence: always exact
             assert prompt[: len(want)] == want
