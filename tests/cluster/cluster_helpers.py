@@ -122,13 +122,3 @@ class Workload:
             outs.append(out)
             msgs += [out.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": f"t{turn}"}]
         return await s.state(), outs
-
-
-def check_exact(state: ip.SessionState, outs: list[Any]) -> None:
-    """The stored tokens are exactly what the engines were given and sampled, turn after turn."""
-    node = state.nodes[0]
-    assert node.tokens == outs[-1].prompt_token_ids + outs[-1].choices[0].token_ids
-    for out in outs[:-1]:
-        seq = out.prompt_token_ids + out.choices[0].token_ids
-        assert node.tokens[: len(seq)] == seq
-    assert len(node.tokens) == len(node.masked_tokens) == len(node.logprobs)

@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from cluster_helpers import LocalCluster, check_exact, gpu_node_ids
+from cluster_helpers import LocalCluster, gpu_node_ids
+from exactness import check_exact
 
 import inferpool as ip
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cluster_helpers import LocalCluster, Workload, check_exact, head_node_id, session_engines, until
+from cluster_helpers import LocalCluster, Workload, head_node_id, session_engines, until
+from exactness import check_exact
 
 import inferpool as ip
 from inferpool.actors.placement import actor_place

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import ray
+from exactness import check_exact
 
 import inferpool as ip
 
@@ -54,14 +55,6 @@ async def session(pool: ip.Pool, i: int) -> tuple[ip.SessionState, list[Any]]:
             outs.append(out)
             msgs += [out.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": f"t{turn}"}]
         return await s.state(), outs
-
-
-def check_exact(state: ip.SessionState, outs: list[Any]) -> None:
-    node = state.nodes[0]
-    assert node.tokens == outs[-1].prompt_token_ids + outs[-1].choices[0].token_ids
-    for out in outs[:-1]:
-        seq = out.prompt_token_ids + out.choices[0].token_ids
-        assert node.tokens[: len(seq)] == seq
 
 
 async def wait_until(pred: Any, deadline_s: float = 30.0) -> None:
