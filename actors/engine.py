@@ -49,6 +49,8 @@ class EngineActor(WeightReceiver):
         self._native: dict[str, Any] = {}
         self.info: EngineInfo | None = None
         self._in_flight: dict[str, float] = {}
+        self._by_session: dict[str, set[str]] = {}  # session_id -> its request ids in flight here
+        self._aborting: set[str] = set()  # request ids already asked to abort (counted once)
         self._stats = EngineStats(engine_id=engine_id)
         self._started = time.monotonic()
         self.metrics = MetricsRegistry()
@@ -75,6 +77,8 @@ class EngineActor(WeightReceiver):
             raise EngineError(f"engine {self.engine_id} was not started")
         t0 = time.monotonic()
         self._in_flight[request.request_id] = t0
+        if request.session_id is not None:
+            self._by_session.setdefault(request.session_id, set()).add(request.request_id)
         self._stats.prompt_tokens += len(request.prompt_token_ids)
         tags = {"engine": self.engine_id, "split": request.split}
         self.metrics.inc("inferpool_requests_started_total", **tags)
@@ -104,6 +108,13 @@ class EngineActor(WeightReceiver):
             ) from exc
         finally:
             self._in_flight.pop(request.request_id, None)
+            self._aborting.discard(request.request_id)
+            if request.session_id is not None:
+                mine = self._by_session.get(request.session_id)
+                if mine is not None:
+                    mine.discard(request.request_id)
+                    if not mine:
+                        del self._by_session[request.session_id]
             self.metrics.set("inferpool_in_flight", len(self._in_flight), engine=self.engine_id)
         result.engine_id = self.engine_id
         self._stats.served += 1
@@ -148,11 +159,18 @@ class EngineActor(WeightReceiver):
             raise BackendError(f"engine {self.engine_id} {what} failed: {type(exc).__name__}: {exc}") from exc
 
     async def abort(self, request_id: str) -> bool:
-        """Abort one in-flight request; it ends with finish reason 'abort'."""
-        if request_id not in self._in_flight:
+        """Abort one in-flight request; it ends with finish reason 'abort'. True the first time
+        a request is asked to abort, so callers that reach it by different ways count it once."""
+        if request_id not in self._in_flight or request_id in self._aborting:
             return False
+        self._aborting.add(request_id)
         await self.backend.abort(request_id)
         return True
+
+    async def abort_session(self, session_id: str) -> int:
+        """Abort every request of ``session_id`` in flight here, whoever sent it; how many."""
+        aborted = [await self.abort(rid) for rid in list(self._by_session.get(session_id, ()))]
+        return sum(aborted)
 
     # -- health and stats ---------------------------------------------------------------
     async def health(self) -> bool:

@@ -329,13 +329,23 @@ class Pool:
         ``abort`` and the tokens sampled so far (a session turn records them as usual).
         Returns how many requests were aborted."""
         count = await self.dispatcher.abort_session(session_id)
-        if not self.dispatcher.runs_session(session_id) and is_session_id(session_id) and self._stores:
-            try:  # managed sessions run their turns in a store
+        if self.dispatcher.runs_session(session_id):
+            return count
+        if is_session_id(session_id) and self._stores:
+            try:  # turns that run in a store (and their requests still being routed there)
                 store = self.session_store(session_id)
                 count += await await_ref(store.abort.remote(session_id), CONTROL_TIMEOUT_S, "session store")
             except SessionError:  # not a managed session (or gone): nothing runs for it there
                 pass
-        return count
+        return count + await self._abort_on_engines(session_id)
+
+    async def _abort_on_engines(self, session_id: str) -> int:
+        """Abort the session's requests other processes sent (a session's turns run in the caller
+        that made it): the engines know them by session id; one aborted already is not counted."""
+        found = await self.fleet.broadcast(
+            "abort_session", lambda h: h.abort_session.remote(session_id), CONTROL_TIMEOUT_S
+        )
+        return sum(found.values())
 
     # -- RL lifecycle -------------------------------------------------------------------
     async def update_weights(

@@ -261,9 +261,13 @@ class Session:
         """Abort this session's in-flight requests: a running turn returns at once with finish
         reason ``abort`` and the tokens sampled so far, which the session records. Returns how
         many requests were aborted (0 when nothing was running)."""
+        runs_here = self.pool.dispatcher.runs_session(self.session_id)
         here = await self.pool.dispatcher.abort_session(self.session_id)  # turns run in this process
         ref = self._store.abort.remote(self.session_id, missing_ok=not self._existing)
-        return here + int(await self._call(ref))
+        count = here + int(await self._call(ref))
+        if not runs_here:  # another process (the one that made the session) may run its turns
+            count += await self.pool._abort_on_engines(self.session_id)
+        return count
 
     async def reset(self) -> None:
         """Drop every stored sequence (the session stays open)."""

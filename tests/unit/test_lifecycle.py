@@ -144,6 +144,45 @@ async def test_abort_session_reaches_direct_generate_calls(slow_pool: ip.Pool) -
     assert await slow_pool.abort_session("direct-abort") == 0
 
 
+@pytest.mark.parametrize("how", ["pool.abort_session", "a handle on the session"])
+async def test_abort_session_from_another_process_reaches_turns_run_in_the_caller(slow_pool: ip.Pool, how: str) -> None:
+    """A rollout worker runs a session's turns in its own process; the trainer aborts the
+    session by id from another: the running turn ends with 'abort' and what it sampled."""
+
+    @ray.remote(num_cpus=0)
+    class Rollout:
+        def __init__(self, pool: ip.Pool) -> None:
+            self.session = pool.session()
+            self.turn: asyncio.Future[Any] | None = None
+
+        async def start(self) -> str:
+            msgs = [{"role": "user", "content": "long answer please"}]
+            self.turn = asyncio.ensure_future(self.session.chat(msgs, max_tokens=200, ignore_eos=True))
+            return self.session.session_id
+
+        async def finish(self) -> tuple[str, int]:
+            assert self.turn is not None
+            out = await self.turn
+            state = await self.session.state()
+            return out.choices[0].finish_reason, int(sum(state.nodes[0].trainable))
+
+    worker = Rollout.remote(slow_pool)  # type: ignore[attr-defined]
+    try:
+        session_id = await worker.start.remote()
+        await wait_in_flight(slow_pool)
+        await wait_decoded(slow_pool, 3)
+        assert not slow_pool.dispatcher.runs_session(session_id)  # the turn runs in the worker
+        if how == "pool.abort_session":
+            assert await slow_pool.abort_session(session_id) == 1
+        else:
+            assert await slow_pool.session(session_id=session_id, existing=True).abort() == 1
+        reason, sampled = await asyncio.wait_for(worker.finish.remote(), 30)
+        assert reason == "abort" and 0 < sampled < 200  # recorded as usual
+        assert await slow_pool.abort_session(session_id) == 0
+    finally:
+        ray.kill(worker)
+
+
 async def test_pause_wait_drains_and_holds_new_requests(slow_pool: ip.Pool) -> None:
     task = asyncio.ensure_future(slow_pool.generate([9], ip.SamplingParams(max_tokens=10)))
     await wait_in_flight(slow_pool)
