@@ -46,7 +46,10 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(stats, default=str, indent=2))
         return 0
     router = stats["router"]
-    print(f"pool {stats['pool']}: policy {router['policy']}, {router['leases']} leases, router on {_where(router)}")
+    shards = router.get("shards") or [router]
+    where = ", ".join(_where(r) for r in shards)
+    routers = f"router on {where}" if len(shards) == 1 else f"{len(shards)} router shards on {where}"
+    print(f"pool {stats['pool']}: policy {router['policy']}, {router['leases']} leases, {routers}")
     for eid, e in sorted(stats["engines"].items()):
         print(
             f"  {eid}: {'healthy' if e.get('healthy') else 'UNHEALTHY'} on {_where(e)} "

@@ -90,3 +90,12 @@ async def test_sessions_and_connect_work_across_shards(sharded: ip.Pool) -> None
 
     assert ray.get(elsewhere.remote("unit-shards"), timeout=120) == (2, 2)
     assert ray.get_actor(router_name("unit-shards", 1), namespace="inferpool") is not None
+
+
+def test_status_shows_every_router_shard(sharded: ip.Pool, capsys: pytest.CaptureFixture[str]) -> None:
+    from inferpool.cli import main
+
+    assert main(["status", "--name", "unit-shards"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "2 router shards on node" in first and "0 leases" in first
+    assert len(sharded.stats()["router"]["shards"]) == 2
