@@ -31,3 +31,21 @@ def say(*lines: str) -> None:
     separately, so a worker's log line could land in the middle of ours."""
     sys.stdout.write("".join(f"{line}\n" for line in lines))
     sys.stdout.flush()
+
+
+class Throttle:
+    """At most one log line per key per ``every_s`` (e.g. per engine: a lost engine fails every
+    request it held at once, and hundreds of identical warnings hide what else happened)."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._by_key: dict[str, tuple[float, int]] = {}  # key -> (last line, lines held back since)
+
+    def allow(self, key: str, now: float) -> int | None:
+        """None: hold this line back (it is counted); else log it, saying how many were held back."""
+        last = self._by_key.get(key)
+        if last is not None and now - last[0] < self.every_s:
+            self._by_key[key] = (last[0], last[1] + 1)
+            return None
+        self._by_key[key] = (now, 0)
+        return last[1] if last is not None else 0

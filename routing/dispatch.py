@@ -31,6 +31,7 @@ import ray
 
 from inferpool.config import PoolConfig
 from inferpool.errors import EngineDeadError, InferpoolError, NoHealthyEngineError
+from inferpool.log import Throttle
 from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref, bounded
 from inferpool.routing.batching import CallBatcher, LoopLocal
 from inferpool.routing.engines import EngineView
@@ -44,6 +45,7 @@ T = TypeVar("T")
 
 _ROUTER_RESTART_S = 30.0  # how long callers wait for a restarted router
 _RELEASE_CONFIRM_S = 10.0  # how long a finished call waits to see its lease given back
+_FAILOVER_LOG_S = 5.0  # at most one failover warning per engine this often
 
 
 def split_n(n: int, cap: int) -> list[tuple[int, int]]:
@@ -127,6 +129,7 @@ class Dispatcher:
         # session_id -> {request_id: engine_id, or None while routing}: what abort_session reaches
         self._session_requests: dict[str, dict[str, str | None]] = defaultdict(dict)
         self._aborted: set[str] = set()  # request ids aborted before they reached an engine
+        self._failover_log = Throttle(_FAILOVER_LOG_S)  # a lost engine fails all it held at once
 
     # -- requests --------------------------------------------------------------------------
     def request_id(self) -> str:
@@ -237,6 +240,17 @@ class Dispatcher:
         timeout = timeout_s or self.engines.timeout_for(engine_id)
         return await await_ref(call(handle), timeout, f"engine {engine_id}")
 
+    def _warn_failover(self, request_id: str, engine_id: str, attempt: int, attempts: int, exc: Exception) -> None:
+        quiet = self._failover_log.allow(engine_id, time.monotonic())
+        if quiet is None:
+            logger.debug("request %s failed on engine %s: %s; retrying elsewhere", request_id, engine_id, exc)
+            return
+        more = f" ({quiet} more requests failed over from it since the last warning)" if quiet else ""
+        logger.warning(
+            "request %s failed on engine %s (attempt %d/%d): %s; retrying elsewhere%s",
+            *(request_id, engine_id, attempt, attempts, exc, more),
+        )
+
     def _report_failure(self, engine_id: str, exc: Exception) -> None:
         self.routers.owner(engine_id).report_failure.remote(engine_id, str(exc))
 
@@ -304,10 +318,7 @@ class Dispatcher:
                 if last_error is not None:  # no engine left to retry on: surface the original
                     raise last_error from None
                 raise
-            logger.warning(
-                "request %s failed on engine %s (attempt %d/%d): %s; retrying elsewhere",
-                *(request.request_id, held.engine_id, attempt, attempts, failed),
-            )
+            self._warn_failover(request.request_id, held.engine_id, attempt, attempts, failed)
             self._report_failure(held.engine_id, failed)
             exclude.append(held.engine_id)
             last_error = failed
