@@ -78,11 +78,7 @@ class Fleet:
     def __init__(self, config: PoolConfig, routers: Any) -> None:
         """``routers``: the pool's router shards (a :class:`RouterSet`, a list, or the one router)."""
         self.config = config
-        self.routers = (
-            routers
-            if isinstance(routers, RouterSet)
-            else RouterSet(list(routers) if isinstance(routers, list | tuple) else [routers])
-        )
+        self.routers = RouterSet.of(routers)
         self.router = self.routers.primary  # the pool's ledger: config, stores, weight versions
 
     @classmethod

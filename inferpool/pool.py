@@ -74,7 +74,7 @@ class Pool:
         self.config = config
         self.name = config.name
         self.namespace = config.namespace
-        self.routers = RouterSet(list(routers) if isinstance(routers, list | tuple) else [routers])
+        self.routers = RouterSet.of(routers)
         self._router = self.routers.primary
         self._stores: list[Any] = list(stores)
         self.dispatcher = Dispatcher(self.routers, config, infos)

@@ -22,9 +22,10 @@ one process would each keep their own mirror.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -90,13 +91,8 @@ class Session:
             wires = [to_wire(tree, seg) for seg in done.segments]
             record = (self.session_id, self._create(), wires, done.ambiguous, done.rerendered)
             try:
-                await self.pool.session_recorder(self.session_id).submit(record)
-            except EngineDeadError as exc:
-                self._mirror = None
-                lost = self._store_lost(exc)
-                if lost is None:
-                    raise
-                raise lost from exc
+                with self._store_errors():
+                    await self.pool.session_recorder(self.session_id).submit(record)
             except BaseException:
                 self._mirror = None  # the store may hold more or less than the mirror now: fetch it again
                 raise
@@ -113,8 +109,14 @@ class Session:
         return None if self._existing else self._options
 
     async def _call(self, ref: ray.ObjectRef) -> Any:
-        try:
+        with self._store_errors():
             return await await_ref(ref, self.pool.session_timeout_s(), f"session {self.session_id}")
+
+    @contextlib.contextmanager
+    def _store_errors(self) -> Iterator[None]:
+        """A store call whose actor died raises a SessionError naming the shard."""
+        try:
+            yield
         except EngineDeadError as exc:
             lost = self._store_lost(exc)
             if lost is None:

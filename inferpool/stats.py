@@ -18,18 +18,12 @@ logger = logging.getLogger(__name__)
 _SOURCE_TIMEOUT_S = 10.0
 
 
-def _router_set(routers: Any) -> RouterSet:
-    if isinstance(routers, RouterSet):
-        return routers
-    return RouterSet(list(routers) if isinstance(routers, list | tuple) else [routers])
-
-
 def pool_stats(config: PoolConfig, routers: Any, stores: list[Any]) -> dict[str, Any]:
     """Engines (health, load, counters, node), session shards (counts, node) and router state
     (node included), as plain dicts. An engine's ``node_id`` is where it runs now (an engine
     Ray restarted on another node reports the new one). ``routers``: the router shards (a
     :class:`RouterSet`, a list, or the one router)."""
-    rs = _router_set(routers)
+    rs = RouterSet.of(routers)
     load = rs.load()
     handles = rs.engines()
     infos = {i.engine_id: i for i in rs.engine_infos()}
@@ -84,7 +78,7 @@ def pool_metrics(routers: Any, stores: list[Any]) -> dict[str, float]:
     routers' and session stores' ``inferpool_*`` series plus per-engine request time
     mean/std/p99 per split, average attempts and generated tokens/s. Engines that are not
     alive (restarting after their node was lost) are left out, not waited for."""
-    rs = _router_set(routers)
+    rs = RouterSet.of(routers)
     handles = {eid: h for eid, h in rs.engines().items() if actor_place(h).get("actor_state", "ALIVE") == "ALIVE"}
     out: dict[str, float] = {}
     try:

@@ -110,11 +110,7 @@ class Dispatcher:
 
     def __init__(self, routers: Any, config: PoolConfig, infos: Sequence[EngineInfo] = ()) -> None:
         """``routers``: the pool's router shards (a :class:`RouterSet`, a list, or one handle)."""
-        self.routers = (
-            routers
-            if isinstance(routers, RouterSet)
-            else RouterSet(list(routers) if isinstance(routers, list | tuple) else [routers])
-        )
+        self.routers = RouterSet.of(routers)
         self.router = self.routers.primary
         self.config = config
         self.engines = EngineView(self.routers, config, infos)

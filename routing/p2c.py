@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from inferpool.routing.policy import EngineSlot, RouteRequest, candidates
+from inferpool.routing.policy import EngineSlot, RouteRequest, can_take, candidates
 
 _SCAN_BELOW = 16  # pools this small are scanned
 _DRAWS = 32  # random draws before falling back to a scan
@@ -52,11 +52,10 @@ class PowerOfTwo:
     def _sample_two(self, engines: Sequence[EngineSlot], request: RouteRequest) -> list[EngineSlot] | None:
         """Two distinct candidates drawn uniformly by rejection: O(1) expected per decision when
         most engines can take the request (a fleet), None after a bounded number of draws."""
-        split, exclude = request.split, request.exclude
         picked: list[EngineSlot] = []
         for _ in range(_DRAWS):
             e = engines[self._rng.randrange(len(engines))]
-            if e.healthy and e.engine_id not in exclude and e.free(split) > 0 and (not picked or e is not picked[0]):
+            if (not picked or e is not picked[0]) and can_take(e, request):
                 picked.append(e)
                 if len(picked) == 2:
                     return picked

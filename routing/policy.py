@@ -91,9 +91,14 @@ class Policy(Protocol):
         ...
 
 
+def can_take(engine: EngineSlot, request: RouteRequest) -> bool:
+    """Healthy, not excluded, and a free slot for the request's split."""
+    return engine.healthy and engine.engine_id not in request.exclude and engine.free(request.split) > 0
+
+
 def candidates(engines: Sequence[EngineSlot], request: RouteRequest) -> list[EngineSlot]:
-    """Healthy, not excluded engines with a free slot for the request's split."""
-    return [e for e in engines if e.healthy and e.engine_id not in request.exclude and e.free(request.split) > 0]
+    """The engines that can take the request."""
+    return [e for e in engines if can_take(e, request)]
 
 
 def engine_pressure(slot: EngineSlot) -> tuple[int, float]:

@@ -41,6 +41,13 @@ class RouterSet:
             raise ValueError("a pool has at least one router")
         self.routers = list(routers)
 
+    @classmethod
+    def of(cls, routers: Any) -> RouterSet:
+        """A RouterSet from what callers hold: a RouterSet, a list of shards, or the one router."""
+        if isinstance(routers, RouterSet):
+            return routers
+        return cls(list(routers) if isinstance(routers, list | tuple) else [routers])
+
     def __len__(self) -> int:
         return len(self.routers)
 
