@@ -17,6 +17,7 @@ import ray
 
 from inferpool.actors.backends import create_backend
 from inferpool.actors.backends.base import EngineBackend, PauseMode
+from inferpool.actors.mailbox import Mailboxes, Outcome
 from inferpool.actors.weights import WeightReceiver
 from inferpool.config import EngineConfig
 from inferpool.errors import BackendError, EngineError, InferpoolError, RequestError
@@ -54,6 +55,7 @@ class EngineActor(WeightReceiver):
         self._stats = EngineStats(engine_id=engine_id)
         self._started = time.monotonic()
         self.metrics = MetricsRegistry()
+        self._mail = Mailboxes(self.generate)
 
     async def start(self) -> EngineInfo:
         """Start the backend (load the model); returns the engine's static facts."""
@@ -136,6 +138,23 @@ class EngineActor(WeightReceiver):
             elif isinstance(out, BaseException):
                 results.append(BackendError(f"engine {self.engine_id}: {type(out).__name__}: {out}"))
         return results
+
+    # -- batched traffic (one caller process's requests, many per actor call: actors/mailbox.py)
+    async def submit(self, caller: str, requests: list[GenerateRequest]) -> str:
+        """Start serving ``requests`` for ``caller`` (results come back through ``collect``);
+        returns this engine instance's id, which changes when Ray restarts the actor."""
+        if self.info is None:
+            raise EngineError(f"engine {self.engine_id} was not started")
+        return self._mail.submit(caller, requests)
+
+    async def collect(self, caller: str, wait_s: float) -> tuple[str, list[tuple[str, Outcome]]]:
+        """(instance id, [(request id, result or error)]) of ``caller``'s requests finished since
+        its last collect; waits up to ``wait_s`` seconds while none is."""
+        return await self._mail.collect(caller, wait_s)
+
+    async def cancel(self, caller: str, request_ids: list[str]) -> int:
+        """``caller`` gave up on these requests: stop them, deliver nothing; how many ran."""
+        return self._mail.cancel(caller, request_ids)
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """Text-level OpenAI chat call (text-only backends such as hosted APIs)."""

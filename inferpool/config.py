@@ -195,6 +195,12 @@ class RouterConfig(ConfigModel):
     health_timeout_s: float = Field(10.0, gt=0, description="A health check slower than this fails.")
     unhealthy_after: int = Field(1, ge=1, description="Consecutive failed checks that mark an engine unhealthy.")
     max_attempts: int = Field(3, ge=1, description="Total attempts per request across engines for retryable faults.")
+    batch_engine_calls: bool = Field(
+        True,
+        description="Each caller process sends its requests for an engine in one actor call per event-loop turn "
+        "and collects finished results in batches (a fraction of an actor call per request); False: one actor "
+        "call per request. Either way each request is leased, retried and aborted alike.",
+    )
     max_staleness: int | None = Field(
         None,
         ge=0,

@@ -34,6 +34,7 @@ from inferpool.errors import EngineDeadError, InferpoolError, NoHealthyEngineErr
 from inferpool.log import Throttle
 from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref, bounded
 from inferpool.routing.batching import CallBatcher, LoopLocal
+from inferpool.routing.channel import EngineChannel
 from inferpool.routing.engines import EngineView
 from inferpool.routing.leases import Lease, LeaseAsk, LeaseReturn
 from inferpool.routing.shards import RouterSet, engine_shard
@@ -122,6 +123,8 @@ class Dispatcher:
             LoopLocal(lambda r=r: CallBatcher(r.exchange.remote, acquire_timeout, "router lease exchange"))
             for r in self.routers.routers
         ]
+        # engine_id -> this process's batched generate traffic with it (RouterConfig.batch_engine_calls)
+        self._channels: LoopLocal[dict[str, EngineChannel]] = LoopLocal(dict)
         # session_id -> {request_id: engine_id, or None while routing}: what abort_session reaches
         self._session_requests: dict[str, dict[str, str | None]] = defaultdict(dict)
         self._aborted: set[str] = set()  # request ids aborted before they reached an engine
@@ -236,6 +239,17 @@ class Dispatcher:
         timeout = timeout_s or self.engines.timeout_for(engine_id)
         return await await_ref(call(handle), timeout, f"engine {engine_id}")
 
+    async def _generate_on(self, engine_id: str, request: GenerateRequest, timeout_s: float | None) -> GenerateResult:
+        if not self.config.router.batch_engine_calls:
+            result: GenerateResult = await self._on_engine(engine_id, lambda h: h.generate.remote(request), timeout_s)
+            return result
+        handle = await self.engines.handle(engine_id)
+        channels = self._channels.get()
+        channel = channels.get(engine_id)
+        if channel is None or channel.handle is not handle:
+            channel = channels[engine_id] = EngineChannel(engine_id, handle)
+        return await channel.generate(request, timeout_s or self.engines.timeout_for(engine_id))
+
     def _warn_failover(self, request_id: str, engine_id: str, attempt: int, attempts: int, exc: Exception) -> None:
         quiet = self._failover_log.allow(engine_id, time.monotonic())
         if quiet is None:
@@ -300,9 +314,7 @@ class Dispatcher:
                     if request.session_id is not None:
                         self._session_requests[request.session_id][request.request_id] = held.engine_id
                     try:
-                        result: GenerateResult = await self._on_engine(
-                            held.engine_id, lambda h: h.generate.remote(request), timeout_s
-                        )
+                        result = await self._generate_on(held.engine_id, request, timeout_s)
                     except InferpoolError as exc:
                         if not exc.retryable or attempt == attempts:
                             raise
