@@ -23,16 +23,17 @@ import inferpool as ip
 CAPACITY = 8  # one engine, 8 train slots: a handful of leaked leases starves it
 
 
-@pytest.fixture(scope="module")
-def tight_pool(ray_session: None, tiny_tokenizer_path: str) -> Iterator[ip.Pool]:
+@pytest.fixture(scope="module", params=[True, False], ids=["batched", "per_call"])
+def tight_pool(request: pytest.FixtureRequest, ray_session: None, tiny_tokenizer_path: str) -> Iterator[ip.Pool]:
     """One fake engine with little capacity and a few ms per token, so calls are in flight
-    when they are cancelled, and a lost lease shows at once."""
+    when they are cancelled, and a lost lease shows at once; engine calls batched per loop
+    turn (the default) and one actor call per request."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_path)
     pool = ip.Pool.start(
         ip.PoolConfig(
-            name="unit-soundness",
+            name=f"unit-soundness-{request.param_index}",
             engines=[
                 ip.EngineConfig(
                     backend="fake",
@@ -46,7 +47,11 @@ def tight_pool(ray_session: None, tiny_tokenizer_path: str) -> Iterator[ip.Pool]
                 )
             ],
             router=ip.RouterConfig(
-                max_requests_per_engine=CAPACITY, eval_requests_per_engine=0, acquire_timeout_s=5.0, max_staleness=0
+                max_requests_per_engine=CAPACITY,
+                eval_requests_per_engine=0,
+                acquire_timeout_s=5.0,
+                max_staleness=0,
+                batch_engine_calls=request.param,
             ),
             sessions=ip.SessionConfig(shards=1),
         )
@@ -72,6 +77,15 @@ async def settle(pool: ip.Pool, deadline_s: float = 10.0) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"{left} leases still held {deadline_s}s after every call ended")
+
+
+async def engine_idle(pool: ip.Pool, deadline_s: float = 10.0) -> None:
+    """Wait (bounded) until the engine runs nothing: every cancelled call was stopped there."""
+    engine = pool.engine_handle(pool.engine_ids()[0])
+    end = time.monotonic() + deadline_s
+    while (await engine.stats.remote()).in_flight and time.monotonic() < end:
+        await asyncio.sleep(0.01)
+    assert (await engine.stats.remote()).in_flight == 0
 
 
 async def served_at_once(pool: ip.Pool) -> None:
@@ -145,8 +159,7 @@ async def test_thousands_of_random_cancellations_leave_the_pool_idle_and_serving
         total += len(calls)
     assert total == 2000
     await settle(tight_pool)
-    stats = await tight_pool.engine_handle(tight_pool.engine_ids()[0]).stats.remote()
-    assert stats.in_flight == 0
+    await engine_idle(tight_pool)
     await served_at_once(tight_pool)
     counts = await tight_pool.router.lease_counts.remote()
     assert counts["leases"] == 0 and counts["tickets"] == 0
@@ -231,7 +244,7 @@ async def test_staleness_is_checked_under_the_session_lock(
         await asyncio.sleep(0.002)
     assert await waiting_turns() == 2 and not long_turn.done()
     rng = np.random.default_rng(0)
-    await pool.update_weights({"w": rng.standard_normal((4, 4)).astype(np.float32)}, version=f"lock-{where}")
+    await pool.update_weights({"w": rng.standard_normal((4, 4)).astype(np.float32)}, version=f"lock-{where}-{time.monotonic_ns()}")
     await long_turn  # checked before the update: accepted
     with pytest.raises(ip.StaleSessionError, match="max_staleness"):
         await queued
