@@ -94,6 +94,7 @@ class SessionAffinity:
     """
 
     name = "session_affinity"
+    reads_prompt = False
 
     def __init__(
         self,

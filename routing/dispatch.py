@@ -37,6 +37,7 @@ from inferpool.routing.batching import CallBatcher, LoopLocal
 from inferpool.routing.channel import EngineChannel
 from inferpool.routing.engines import EngineView
 from inferpool.routing.leases import Lease, LeaseAsk, LeaseReturn
+from inferpool.routing.policy import policy_reads_prompt
 from inferpool.routing.shards import RouterSet, engine_shard
 from inferpool.types import Choice, EngineInfo, GenerateRequest, GenerateResult, SamplingParams, Split
 from inferpool.validation import check_request
@@ -116,6 +117,8 @@ class Dispatcher:
         self.config = config
         self.engines = EngineView(self.routers, config, infos)
         self._prefix = uuid.uuid4().hex[:8]
+        # the router sees prompts only when its policy reads them (they grow with a conversation)
+        self._route_prefix = config.router.route_prefix_tokens if policy_reads_prompt(config.router.policy) else 0
         self._ids = itertools.count()
         # every lease asked for and given back in one event-loop turn travels in one call per shard
         acquire_timeout = config.router.acquire_timeout_s + 10
@@ -228,7 +231,7 @@ class Dispatcher:
             ticket=self._ticket(),
             split=request.split,
             session_id=request.session_id,
-            prompt_token_ids=request.prompt_token_ids[: self.config.router.route_prefix_tokens],
+            prompt_token_ids=request.prompt_token_ids[: self._route_prefix] if self._route_prefix else None,
             exclude=tuple(exclude),
             workload=request.workload,
             count=count,

@@ -32,6 +32,7 @@ class PowerOfTwo:
     """
 
     name = "power_of_two"
+    reads_prompt = False
 
     def __init__(self, seed: int | None = None) -> None:
         self.seed = seed

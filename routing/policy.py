@@ -83,6 +83,9 @@ class Policy(Protocol):
     """Chooses an engine for a request, or None when none can take it."""
 
     name: str
+    reads_prompt: bool
+    """Whether ``choose`` looks at ``request.prompt_token_ids``. When False, callers do not send
+    prompts to the router (a policy without this attribute is given them)."""
 
     def choose(self, engines: Sequence[EngineSlot], request: RouteRequest) -> EngineSlot | None: ...
 
@@ -110,6 +113,7 @@ class LeastLoaded:
     """The healthy engine with the most free capacity; ties broken round-robin."""
 
     name = "least_loaded"
+    reads_prompt = False
 
     def __init__(self) -> None:
         self._turn = 0
@@ -170,3 +174,13 @@ def make_policy(name: str, **options: Any) -> Policy:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"RouterConfig.policy {name!r}: bad options {options!r}: {exc}", field="policy") from exc
     return policy
+
+
+def policy_reads_prompt(name: str) -> bool:
+    """Whether the policy ``name`` looks at prompts (True when that cannot be told here, e.g.
+    a policy class that only the router's process can import)."""
+    try:
+        cls = registry.load(registry.resolve_policy(name))
+    except Exception:
+        return True
+    return bool(getattr(cls, "reads_prompt", True))

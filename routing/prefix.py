@@ -80,6 +80,7 @@ class PrefixAware:
     """
 
     name = "prefix_aware"
+    reads_prompt = True
 
     def __init__(
         self,

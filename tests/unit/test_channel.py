@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from waiting import wait_until
 
 from inferpool.actors.mailbox import Mailboxes
 from inferpool.errors import EngineDeadError, EngineTimeoutError, RequestError
@@ -138,7 +139,7 @@ async def test_a_timed_out_request_is_cancelled_on_the_engine_and_others_are_ser
     assert fast.request_id == "r1"
     with pytest.raises(EngineTimeoutError, match="e0"):
         await slow
-    await asyncio.wait_for(_until(lambda: engine.running() == 0), 5.0)
+    await wait_until(lambda: engine.running() == 0)
     assert stopped == ["r0"]
 
 
@@ -181,7 +182,7 @@ async def test_an_engine_that_dies_fails_every_waiting_request_as_retryable() ->
     engine = FakeEngine(timed_serve({f"r{i}": 10.0 for i in range(5)}))
     channel = EngineChannel("e0", engine)
     waiters = [asyncio.ensure_future(channel.generate(request(i), 30.0)) for i in range(5)]
-    await asyncio.wait_for(_until(lambda: engine.running() == 5), 5.0)
+    await wait_until(lambda: engine.running() == 5)
     engine.dead = True
     engine.mail._boxes[channel.caller].event.set()  # wake the outstanding collect, which now fails
     outs = await asyncio.gather(*waiters, return_exceptions=True)
@@ -193,7 +194,7 @@ async def test_a_restarted_engine_fails_what_the_old_instance_took() -> None:
     engine = FakeEngine(timed_serve({"r0": 10.0}))
     channel = EngineChannel("e0", engine)
     waiter = asyncio.ensure_future(channel.generate(request(0), 30.0))
-    await asyncio.wait_for(_until(lambda: engine.running() == 1), 5.0)
+    await wait_until(lambda: engine.running() == 1)
     old = engine.mail
     engine.mail = Mailboxes(engine.serve)  # Ray restarted the actor: a new instance, empty
     old._boxes[channel.caller].event.set()
@@ -245,14 +246,9 @@ def test_every_waiter_gets_exactly_its_outcome_and_nothing_is_left(plan: list[tu
         for i, ((_, cancel_at), out) in enumerate(zip(plan, outs, strict=True)):
             assert out == f"r{i}" or (cancel_at is not None and out == "cancelled")
         assert len(channel) == 0
-        await asyncio.wait_for(_until(lambda: engine.running() == 0 and not channel._cancels), 5.0)
+        await wait_until(lambda: engine.running() == 0 and not channel._cancels)
         # what finished after its waiter left waits in the outbox until the next collect, never longer
         delivered = {rid for box in engine.mail._boxes.values() for rid, _ in box.ready}
         assert delivered <= {f"r{i}" for i, out in enumerate(outs) if out == "cancelled"}
 
     asyncio.run(scenario())
-
-
-async def _until(predicate: Callable[[], bool]) -> None:
-    while not predicate():
-        await asyncio.sleep(0.001)

@@ -86,3 +86,11 @@ def test_engine_reported_pressure_breaks_ties_before_round_robin() -> None:
     engines[0].queue_len = 5
     engines[2].kv_cache_usage = 0.9
     assert [policy.choose(engines, RouteRequest()).engine_id for _ in range(3)] == ["e1", "e1", "e1"]
+
+
+def test_callers_send_prompts_to_the_router_only_for_policies_that_read_them() -> None:
+    from inferpool.routing.policy import policy_reads_prompt
+
+    assert policy_reads_prompt("prefix_aware") is True
+    assert not any(policy_reads_prompt(p) for p in ("least_loaded", "session_affinity", "power_of_two"))
+    assert policy_reads_prompt("no_such_module.anywhere:Policy") is True  # unknown here: send them

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from waiting import wait_in_flight
+from waiting import wait_engines_idle, wait_in_flight
 
 import inferpool as ip
 
@@ -77,15 +77,6 @@ async def settle(pool: ip.Pool, deadline_s: float = 10.0) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"{left} leases still held {deadline_s}s after every call ended")
-
-
-async def engine_idle(pool: ip.Pool, deadline_s: float = 10.0) -> None:
-    """Wait (bounded) until the engine runs nothing: every cancelled call was stopped there."""
-    engine = pool.engine_handle(pool.engine_ids()[0])
-    end = time.monotonic() + deadline_s
-    while (await engine.stats.remote()).in_flight and time.monotonic() < end:
-        await asyncio.sleep(0.01)
-    assert (await engine.stats.remote()).in_flight == 0
 
 
 async def served_at_once(pool: ip.Pool) -> None:
@@ -159,7 +150,7 @@ async def test_thousands_of_random_cancellations_leave_the_pool_idle_and_serving
         total += len(calls)
     assert total == 2000
     await settle(tight_pool)
-    await engine_idle(tight_pool)
+    await wait_engines_idle(tight_pool)
     await served_at_once(tight_pool)
     counts = await tight_pool.router.lease_counts.remote()
     assert counts["leases"] == 0 and counts["tickets"] == 0
@@ -244,7 +235,8 @@ async def test_staleness_is_checked_under_the_session_lock(
         await asyncio.sleep(0.002)
     assert await waiting_turns() == 2 and not long_turn.done()
     rng = np.random.default_rng(0)
-    await pool.update_weights({"w": rng.standard_normal((4, 4)).astype(np.float32)}, version=f"lock-{where}-{time.monotonic_ns()}")
+    version = f"lock-{where}-{time.monotonic_ns()}"  # new for each pool this test runs on
+    await pool.update_weights({"w": rng.standard_normal((4, 4)).astype(np.float32)}, version=version)
     await long_turn  # checked before the update: accepted
     with pytest.raises(ip.StaleSessionError, match="max_staleness"):
         await queued
