@@ -277,11 +277,15 @@ class SessionStore:
     ) -> list[InferpoolError | None]:
         """Adopt turns callers ran: ``(session_id, create, segments, ambiguous, rerendered)`` each,
         checked (each segment extends a sequence the session holds, arrays aligned) and recorded
-        as one turn; an item that fails gets its error, the others are recorded."""
+        as one turn; an item that fails gets its error, the others are recorded. An item without
+        segments only creates the session (a new handle's first turn sends one as it starts)."""
         out: list[InferpoolError | None] = []
         for session_id, create, wires, ambiguous, rerendered in items:
             try:
                 entry = self._get(session_id, create)
+                if not wires:
+                    out.append(None)
+                    continue
                 adopt(entry.tree, wires)
             except InferpoolError as exc:
                 out.append(exc)

@@ -298,7 +298,7 @@ class Pool:
         if not is_session_id(sid):
             raise RequestError(f"session_id: {sid!r} is not a hex session id", field="session_id")
         options = SessionOptions(track_tree=track_tree, tool_parser=tool_parser)
-        return Session(self, sid, self.session_store(sid), options, existing=existing)
+        return Session(self, sid, self.session_store(sid), options, existing=existing, fresh=session_id is None)
 
     def session_store(self, session_id: str) -> Any:
         """The store actor that owns a session id."""

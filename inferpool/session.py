@@ -54,8 +54,16 @@ class Session:
     """A token-exact multi-turn session. Turns to one session are serialized."""
 
     def __init__(
-        self, pool: Pool, session_id: str, store: Any, options: SessionOptions, *, existing: bool = False
+        self,
+        pool: Pool,
+        session_id: str,
+        store: Any,
+        options: SessionOptions,
+        *,
+        existing: bool = False,
+        fresh: bool = False,
     ) -> None:
+        """``fresh``: ``session_id`` was made for this handle, so no store holds it yet."""
         self.pool = pool
         self.session_id = session_id
         self._store = store
@@ -63,6 +71,9 @@ class Session:
         self._existing = existing  # never create: the session was made elsewhere
         self._local = not existing and pool.config.sessions.turns_in_caller
         self._mirror: SessionTree | None = None  # turns run here: the session's history, as the store has it
+        # a new id: the first turn starts from an empty mirror without waiting for the store (an
+        # empty record, sent along, creates the session there); later a lost mirror is fetched again
+        self._fresh = fresh and self._local
         self._lock: LoopLocal[asyncio.Lock] = LoopLocal(asyncio.Lock)
         self.busy = 0  # turns of this handle running here or waiting for its lock
 
@@ -81,9 +92,13 @@ class Session:
 
     async def _locked(self, run: Callable[[SessionTree, Stale | None], Awaitable[Turn]]) -> Any:
         async with self._lock.get():
-            if self._mirror is None:
+            if self._mirror is None and self._fresh:  # the store creates it meanwhile (no wait)
+                self._mirror = SessionTree(self.session_id, self._options.track_tree)
+                self.pool.session_recorder(self.session_id).enqueue((self.session_id, self._create(), [], False, False))
+            elif self._mirror is None:
                 track, turns, wires = await self._call(self._store.export.remote(self.session_id, self._create()))
                 self._mirror = rebuild(self.session_id, track, turns, wires)
+            self._fresh = False
             tree = self._mirror
             done = await run(tree, await staleness_check(self.pool.router, self.pool.config.router, tree))
             # the store checks and records what the turn added (records of concurrent turns travel
