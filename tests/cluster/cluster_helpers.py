@@ -109,16 +109,20 @@ class Workload:
     done_turns: int = 0
     turn_log: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (ended at, seconds)
     loss_at: float = 0.0
+    until_loss: bool = False  # keep taking turns (bounded) until loss_at is set: the loss lands mid-run
+    max_extra_turns: int = 60
 
     async def session(self, i: int) -> tuple[ip.SessionState, list[Any]]:
         outs = []
         s = self.pool.session()
         msgs: list[dict[str, Any]] = [{"role": "user", "content": f"session {i}"}]
-        for turn in range(self.turns):
+        turn = 0
+        while turn < self.turns or (self.until_loss and not self.loss_at and turn < self.turns + self.max_extra_turns):
             t0 = time.monotonic()
             out = await s.chat(msgs, max_tokens=6, seed=i * 10 + turn)
             self.turn_log.append((time.monotonic(), time.monotonic() - t0))
             self.done_turns += 1
             outs.append(out)
             msgs += [out.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": f"t{turn}"}]
+            turn += 1
         return await s.state(), outs

@@ -72,6 +72,7 @@ async def lose_node_mid_run(
     async def mid_run() -> bool:
         return work.done_turns >= SESSIONS * work.turns // 4 and (ready is None or await ready())
 
+    work.until_loss = True  # however long removing the node takes (a loaded machine), sessions are running
     tasks = [asyncio.ensure_future(work.session(i)) for i in range(SESSIONS)]
     try:
         await until(mid_run, "a quarter of the turns done", 120)
