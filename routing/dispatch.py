@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import ray
@@ -38,8 +38,9 @@ from inferpool.routing.channel import EngineChannel
 from inferpool.routing.engines import EngineView
 from inferpool.routing.leases import Lease, LeaseAsk, LeaseReturn
 from inferpool.routing.policy import policy_reads_prompt
+from inferpool.routing.results import aborted_result, gather_all, merge_results, split_n
 from inferpool.routing.shards import RouterSet, engine_shard
-from inferpool.types import Choice, EngineInfo, GenerateRequest, GenerateResult, SamplingParams, Split
+from inferpool.types import EngineInfo, GenerateRequest, GenerateResult, SamplingParams, Split
 from inferpool.validation import check_request
 
 logger = logging.getLogger(__name__)
@@ -48,47 +49,6 @@ T = TypeVar("T")
 _ROUTER_RESTART_S = 30.0  # how long callers wait for a restarted router
 _RELEASE_CONFIRM_S = 10.0  # how long a finished call waits to see its lease given back
 _FAILOVER_LOG_S = 5.0  # at most one failover warning per engine this often
-
-
-def split_n(n: int, cap: int) -> list[tuple[int, int]]:
-    """(choice offset, n) of each sub-request when ``n`` exceeds ``cap``."""
-    return [(off, min(cap, n - off)) for off in range(0, n, cap)]
-
-
-def merge_results(request_id: str, parts: Sequence[GenerateResult]) -> GenerateResult:
-    """Merge sub-request results (in offset order) into one with consecutive indices."""
-    choices = [c for part in parts for c in part.choices]
-    for i, c in enumerate(choices):
-        c.index = i
-    return GenerateResult(
-        request_id=request_id,
-        prompt_token_ids=parts[0].prompt_token_ids,
-        choices=choices,
-        engine_id=parts[0].engine_id,
-        engine_ids=[p.engine_id for p in parts],
-        elapsed_s=max(p.elapsed_s for p in parts),
-    )
-
-
-def aborted_result(request: GenerateRequest, engine_id: str) -> GenerateResult:
-    """What a request aborted before it reached an engine returns: no tokens, finish 'abort'."""
-    choices = [
-        Choice(index=request.choice_offset + i, token_ids=[], logprobs=[], finish_reason="abort")
-        for i in range(request.sampling.n)
-    ]
-    return GenerateResult(request.request_id, list(request.prompt_token_ids), choices, engine_id, [engine_id])
-
-
-async def gather_all(aws: Sequence[Awaitable[T]]) -> list[T]:
-    """All results in order; the first failure cancels the rest (and waits for them to unwind)."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 @dataclasses.dataclass
@@ -132,6 +92,7 @@ class Dispatcher:
         self._session_requests: dict[str, dict[str, str | None]] = defaultdict(dict)
         self._aborted: set[str] = set()  # request ids aborted before they reached an engine
         self._failover_log = Throttle(_FAILOVER_LOG_S)  # a lost engine fails all it held at once
+        self._release_log = Throttle(_FAILOVER_LOG_S)  # a lost router leaves every caller unconfirmed at once
 
     # -- requests --------------------------------------------------------------------------
     def request_id(self) -> str:
@@ -192,8 +153,8 @@ class Dispatcher:
                         await bounded(asyncio.shield(done), _RELEASE_CONFIRM_S)
                     except asyncio.CancelledError:
                         raise
-                    except Exception:  # the router is gone or slow: it reaps expired leases itself
-                        logger.warning("lease release was not confirmed", exc_info=True)
+                    except Exception as exc:  # the router is gone or slow: it reaps expired leases itself
+                        self._warn_release(shard, exc)
 
     async def _acquire(self, ask: LeaseAsk, held: Held) -> None:
         """Lease slots for ``held``: at once from the first shard, else at once from the others,
@@ -252,6 +213,17 @@ class Dispatcher:
         if channel is None or channel.handle is not handle:
             channel = channels[engine_id] = EngineChannel(engine_id, handle)
         return await channel.generate(request, timeout_s or self.engines.timeout_for(engine_id))
+
+    def _warn_release(self, shard: int, exc: Exception) -> None:
+        quiet = self._release_log.allow(str(shard), time.monotonic())
+        if quiet is None:
+            logger.debug("lease release at router shard %d was not confirmed: %s", shard, exc)
+            return
+        more = f" ({quiet} more since the last warning)" if quiet else ""
+        logger.warning(
+            "lease release at router shard %d was not confirmed (%s: %s); the router reclaims expired leases itself%s",
+            *(shard, type(exc).__name__, exc, more),
+        )
 
     def _warn_failover(self, request_id: str, engine_id: str, attempt: int, attempts: int, exc: Exception) -> None:
         quiet = self._failover_log.allow(engine_id, time.monotonic())
