@@ -151,13 +151,14 @@ async def chat_turn(
     choices: list[ChatChoice] = []
     segments: list[Segment] = []
     for i, c in enumerate(result.choices):
-        text = completion_text(renderer, c)
+        sampled_text = renderer.decode(c.token_ids) if tree is not None or c.text is None else None
+        text = completion_text(renderer, c, sampled_text)
         message, finish, problem = assistant_message(text, c, tools, tool_choice, tool_parser)
         extra: dict[str, Any] = {"tool_choice_problem": problem} if problem else {}
         if tree is not None:
             message.node_id = new_node_id()
             metadata = _metadata(result, i, flags)
-            sampled_text = renderer.decode(c.token_ids)
+            assert sampled_text is not None
             versions = c.weight_versions or [c.weight_version] * len(c.token_ids)
             if continuing:
                 assert parent is not None
