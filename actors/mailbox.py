@@ -12,7 +12,9 @@ that gave up on a request (cancelled, timed out) ``cancel``s it: its task is can
 which aborts it in the backend, and nothing is delivered for it. A cancel that arrives
 before its request leaves a tombstone, so the request is dropped when it arrives. An
 outbox nobody collected from for ``idle_s`` belongs to a caller that is gone: its tasks
-are cancelled and it is dropped.
+are cancelled and it is dropped. Each outbox has an id of its own (the engine instance
+plus a key), so a caller that was only stalled sees a new id on its next call and knows
+its earlier requests are gone.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Outbox:
     """One caller's requests on this engine: running tasks and results not yet collected."""
 
     seen: float
+    key: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)  # a new outbox, a new key
     tasks: dict[str, asyncio.Task[Outcome]] = dataclasses.field(default_factory=dict)
     ready: list[tuple[str, Outcome]] = dataclasses.field(default_factory=list)
     event: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -65,7 +68,8 @@ class Mailboxes:
         return box
 
     def submit(self, caller: str, requests: Sequence[GenerateRequest]) -> str:
-        """Start serving ``requests`` for ``caller``; returns this engine instance's id."""
+        """Start serving ``requests`` for ``caller``; returns the id of the outbox they went to
+        (new when Ray restarted the actor or an idle outbox was dropped)."""
         box = self._box(caller, time.monotonic())
         for request in requests:
             rid = request.request_id
@@ -74,7 +78,10 @@ class Mailboxes:
             task = asyncio.ensure_future(self._serve(request))
             box.tasks[rid] = task
             task.add_done_callback(lambda t, rid=rid, box=box: self._finished(box, rid, t))  # type: ignore[misc]
-        return self.instance
+        return self._id(box)
+
+    def _id(self, box: Outbox) -> str:
+        return f"{self.instance}/{box.key}"
 
     def _finished(self, box: Outbox, rid: str, task: asyncio.Task[Outcome]) -> None:
         if box.tasks.pop(rid, None) is None or task.cancelled():  # cancelled: its caller gave up
@@ -105,7 +112,7 @@ class Mailboxes:
         return running
 
     async def collect(self, caller: str, wait_s: float) -> tuple[str, list[tuple[str, Outcome]]]:
-        """(instance, results finished since the last collect); waits up to ``wait_s`` for one."""
+        """(outbox id, results finished since the last collect); waits up to ``wait_s`` for one."""
         now = time.monotonic()
         box = self._box(caller, now)
         box.seen = now
@@ -118,7 +125,7 @@ class Mailboxes:
         ready, box.ready = box.ready, []
         box.seen = time.monotonic()
         self._sweep(box.seen)
-        return self.instance, ready
+        return self._id(box), ready
 
     def _sweep(self, now: float) -> None:
         """Drop the outboxes of callers gone quiet (cancelling their requests) and old tombstones."""

@@ -10,9 +10,10 @@ the caller and the engine a fraction of an actor call instead of a whole one.
 
 Faults reach every request they concern: a failed ``submit`` fails its batch, a failed
 ``collect`` (the actor died) fails every request waiting on the engine, and an answer
-from a new engine instance (Ray restarted the actor) fails the requests the old one had
-taken. All of them fail with :class:`~inferpool.errors.EngineDeadError`, which the
-dispatcher retries on another engine.
+from a new outbox (Ray restarted the engine actor, or the engine dropped this caller's
+outbox after it stalled past ``idle_s``) fails the requests the old one had taken. All
+of them fail with :class:`~inferpool.errors.EngineDeadError`, which the dispatcher
+retries on another engine.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ _COLLECT_SLACK_S = 30.0  # on top of that, how long the caller waits for the col
 @dataclasses.dataclass
 class _Waiting:
     future: asyncio.Future[GenerateResult]
-    instance: str | None = None  # the engine instance that took the request (None: not yet known)
+    instance: str | None = None  # the engine outbox that took the request (None: not yet known)
     delivered: bool = False  # the engine answered it (else a waiter that leaves cancels it there)
 
 
@@ -138,8 +139,9 @@ class EngineChannel:
                 else:
                     waiting.future.set_result(outcome)
             lost = [rid for rid, w in self._waiting.items() if w.instance is not None and w.instance != instance]
-            if lost:  # Ray restarted the engine actor: what the old instance held is gone
-                self._fail(lost, EngineDeadError(f"engine {self.engine_id} restarted"))
+            if lost:  # what the old outbox held is gone
+                gone = EngineDeadError(f"engine {self.engine_id} restarted or dropped this caller's requests")
+                self._fail(lost, gone)
 
     def _fail(self, request_ids: list[str], exc: Exception) -> None:
         err = exc if isinstance(exc, InferpoolError) else EngineDeadError(f"engine {self.engine_id}: {exc}")

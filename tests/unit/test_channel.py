@@ -252,3 +252,22 @@ def test_every_waiter_gets_exactly_its_outcome_and_nothing_is_left(plan: list[tu
         assert delivered <= {f"r{i}" for i, out in enumerate(outs) if out == "cancelled"}
 
     asyncio.run(scenario())
+
+
+async def test_a_caller_stalled_past_idle_s_learns_its_requests_are_gone() -> None:
+    """The engine dropped the outbox of a caller that did not collect for ``idle_s`` (its loop
+    was blocked); the caller's next collect sees a new outbox and fails what the old one held
+    as retryable, instead of waiting for results that will never come."""
+    engine = FakeEngine(timed_serve({"r0": 10.0}))
+    channel = EngineChannel("e0", engine)
+    waiter = asyncio.ensure_future(channel.generate(request(0), 30.0))
+    await wait_until(lambda: engine.running() == 1)
+    old_box = engine.mail._boxes[channel.caller]
+    engine.mail.idle_s = 0.0
+    old_box.seen = -1.0
+    await engine.mail.collect("someone-else", 0.0)  # the sweep drops the stalled caller's outbox
+    assert channel.caller not in engine.mail._boxes
+    old_box.event.set()  # the stalled caller's outstanding collect returns
+    with pytest.raises(EngineDeadError, match="dropped") as err:
+        await waiter
+    assert err.value.retryable
