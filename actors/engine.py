@@ -142,13 +142,14 @@ class EngineActor(WeightReceiver):
     # -- batched traffic (one caller process's requests, many per actor call: actors/mailbox.py)
     async def submit(self, caller: str, requests: list[GenerateRequest]) -> str:
         """Start serving ``requests`` for ``caller`` (results come back through ``collect``);
-        returns this engine instance's id, which changes when Ray restarts the actor."""
+        returns the id of the caller's outbox, which changes when Ray restarts the actor or an
+        idle outbox was dropped."""
         if self.info is None:
             raise EngineError(f"engine {self.engine_id} was not started")
         return self._mail.submit(caller, requests)
 
     async def collect(self, caller: str, wait_s: float) -> tuple[str, list[tuple[str, Outcome]]]:
-        """(instance id, [(request id, result or error)]) of ``caller``'s requests finished since
+        """(outbox id, [(request id, result or error)]) of ``caller``'s requests finished since
         its last collect; waits up to ``wait_s`` seconds while none is."""
         return await self._mail.collect(caller, wait_s)
 

@@ -58,9 +58,6 @@ class Mailboxes:
         self._tombstones: dict[str, float] = {}  # request id -> when it may be forgotten
         self._next_sweep = 0.0
 
-    def __len__(self) -> int:
-        return len(self._boxes)
-
     def _box(self, caller: str, now: float) -> Outbox:
         box = self._boxes.get(caller)
         if box is None:

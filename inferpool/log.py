@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -49,3 +50,12 @@ class Throttle:
             return None
         self._by_key[key] = (now, 0)
         return last[1] if last is not None else 0
+
+    def warn(self, log: logging.Logger, key: str, message: str, *args: object) -> None:
+        """``log.warning(message, *args)`` at most once per key per ``every_s``, naming how many
+        were held back since; the ones held back go to debug."""
+        quiet = self.allow(key, time.monotonic())
+        if quiet is None:
+            log.debug(message, *args)
+        else:
+            log.warning(message + "%s", *args, f" ({quiet} more since the last warning)" if quiet else "")

@@ -42,11 +42,10 @@ def template_kwargs_for(reasoning: ReasoningConfig | None, extra: Mapping[str, A
 def completion_text(renderer: ChatRenderer, choice: Choice, decoded: str | None = None) -> str:
     """The text a client sees for a choice (no trailing EOS text); ``decoded``: the choice's
     tokens already decoded, if the caller has them."""
-    if choice.text is None and decoded is None:
-        decoded = renderer.decode(choice.token_ids)
-    text = choice.text if choice.text is not None else decoded
-    assert text is not None
-    if choice.text is None and renderer.eos_text and text.endswith(renderer.eos_text):
+    if choice.text is not None:
+        return choice.text
+    text = decoded if decoded is not None else renderer.decode(choice.token_ids)
+    if renderer.eos_text and text.endswith(renderer.eos_text):
         text = text[: -len(renderer.eos_text)]
     return text
 

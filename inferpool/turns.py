@@ -151,7 +151,7 @@ async def chat_turn(
     choices: list[ChatChoice] = []
     segments: list[Segment] = []
     for i, c in enumerate(result.choices):
-        sampled_text = renderer.decode(c.token_ids) if tree is not None or c.text is None else None
+        sampled_text = renderer.decode(c.token_ids) if tree is not None else None  # recorded, and the reply's text
         text = completion_text(renderer, c, sampled_text)
         message, finish, problem = assistant_message(text, c, tools, tool_choice, tool_parser)
         extra: dict[str, Any] = {"tool_choice_problem": problem} if problem else {}

@@ -37,7 +37,7 @@ _COLLECT_SLACK_S = 30.0  # on top of that, how long the caller waits for the col
 @dataclasses.dataclass
 class _Waiting:
     future: asyncio.Future[GenerateResult]
-    instance: str | None = None  # the engine outbox that took the request (None: not yet known)
+    outbox: str | None = None  # the id of the engine outbox that took the request (None: not yet known)
     delivered: bool = False  # the engine answered it (else a waiter that leaves cancels it there)
 
 
@@ -101,14 +101,14 @@ class EngineChannel:
     async def _submit(self, batch: list[GenerateRequest]) -> None:
         try:
             ref = self.handle.submit.remote(self.caller, batch)
-            instance: str = await await_ref(ref, _COLLECT_SLACK_S, f"engine {self.engine_id} submit")
+            outbox: str = await await_ref(ref, _COLLECT_SLACK_S, f"engine {self.engine_id} submit")
         except Exception as exc:  # the batch never reached a live engine
             self._fail([r.request_id for r in batch], exc)
             return
         for request in batch:
             waiting = self._waiting.get(request.request_id)
             if waiting is not None:
-                waiting.instance = instance
+                waiting.outbox = outbox
 
     async def _cancel(self, request_ids: list[str]) -> None:
         try:
@@ -121,7 +121,7 @@ class EngineChannel:
         """Collect results while anything waits; deliver each to its waiter."""
         while self._waiting:
             try:
-                instance, ready = await await_ref(
+                outbox, ready = await await_ref(
                     self.handle.collect.remote(self.caller, COLLECT_WAIT_S),
                     COLLECT_WAIT_S + _COLLECT_SLACK_S,
                     f"engine {self.engine_id} collect",
@@ -138,7 +138,7 @@ class EngineChannel:
                     waiting.future.set_exception(outcome)
                 else:
                     waiting.future.set_result(outcome)
-            lost = [rid for rid, w in self._waiting.items() if w.instance is not None and w.instance != instance]
+            lost = [rid for rid, w in self._waiting.items() if w.outbox is not None and w.outbox != outbox]
             if lost:  # what the old outbox held is gone
                 gone = EngineDeadError(f"engine {self.engine_id} restarted or dropped this caller's requests")
                 self._fail(lost, gone)

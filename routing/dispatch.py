@@ -48,7 +48,7 @@ T = TypeVar("T")
 
 _ROUTER_RESTART_S = 30.0  # how long callers wait for a restarted router
 _RELEASE_CONFIRM_S = 10.0  # how long a finished call waits to see its lease given back
-_FAILOVER_LOG_S = 5.0  # at most one failover warning per engine this often
+_WARN_EVERY_S = 5.0  # at most one failover warning per engine (release warning per shard) this often
 
 
 @dataclasses.dataclass
@@ -91,8 +91,8 @@ class Dispatcher:
         # session_id -> {request_id: engine_id, or None while routing}: what abort_session reaches
         self._session_requests: dict[str, dict[str, str | None]] = defaultdict(dict)
         self._aborted: set[str] = set()  # request ids aborted before they reached an engine
-        self._failover_log = Throttle(_FAILOVER_LOG_S)  # a lost engine fails all it held at once
-        self._release_log = Throttle(_FAILOVER_LOG_S)  # a lost router leaves every caller unconfirmed at once
+        # a lost engine fails all it held at once, a lost router leaves every release unconfirmed
+        self._warnings = Throttle(_WARN_EVERY_S)
 
     # -- requests --------------------------------------------------------------------------
     def request_id(self) -> str:
@@ -154,7 +154,13 @@ class Dispatcher:
                     except asyncio.CancelledError:
                         raise
                     except Exception as exc:  # the router is gone or slow: it reaps expired leases itself
-                        self._warn_release(shard, exc)
+                        self._warnings.warn(
+                            logger,
+                            f"shard {shard}",
+                            "lease release at router shard %d was not confirmed (%s: %s); the router reclaims "
+                            "expired leases itself",
+                            *(shard, type(exc).__name__, exc),
+                        )
 
     async def _acquire(self, ask: LeaseAsk, held: Held) -> None:
         """Lease slots for ``held``: at once from the first shard, else at once from the others,
@@ -214,26 +220,12 @@ class Dispatcher:
             channel = channels[engine_id] = EngineChannel(engine_id, handle)
         return await channel.generate(request, timeout_s or self.engines.timeout_for(engine_id))
 
-    def _warn_release(self, shard: int, exc: Exception) -> None:
-        quiet = self._release_log.allow(str(shard), time.monotonic())
-        if quiet is None:
-            logger.debug("lease release at router shard %d was not confirmed: %s", shard, exc)
-            return
-        more = f" ({quiet} more since the last warning)" if quiet else ""
-        logger.warning(
-            "lease release at router shard %d was not confirmed (%s: %s); the router reclaims expired leases itself%s",
-            *(shard, type(exc).__name__, exc, more),
-        )
-
     def _warn_failover(self, request_id: str, engine_id: str, attempt: int, attempts: int, exc: Exception) -> None:
-        quiet = self._failover_log.allow(engine_id, time.monotonic())
-        if quiet is None:
-            logger.debug("request %s failed on engine %s: %s; retrying elsewhere", request_id, engine_id, exc)
-            return
-        more = f" ({quiet} more requests failed over from it since the last warning)" if quiet else ""
-        logger.warning(
-            "request %s failed on engine %s (attempt %d/%d): %s; retrying elsewhere%s",
-            *(request_id, engine_id, attempt, attempts, exc, more),
+        self._warnings.warn(
+            logger,
+            f"engine {engine_id}",
+            "request %s failed on engine %s (attempt %d/%d): %s; retrying elsewhere",
+            *(request_id, engine_id, attempt, attempts, exc),
         )
 
     def _report_failure(self, engine_id: str, exc: Exception) -> None:

@@ -32,7 +32,7 @@ def test_throttle_lets_one_line_per_key_per_interval_and_counts_the_rest(steps: 
 
 def test_a_failover_storm_from_one_engine_logs_one_warning() -> None:
     dispatcher = Dispatcher.__new__(Dispatcher)  # only the logging part is exercised
-    dispatcher._failover_log = Throttle(60.0)
+    dispatcher._warnings = Throttle(60.0)
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.DEBUG)
     handler.emit = records.append  # type: ignore[method-assign]
@@ -55,3 +55,26 @@ def test_a_failover_storm_from_one_engine_logs_one_warning() -> None:
 def test_say_writes_whole_lines(capsys: pytest.CaptureFixture[str]) -> None:
     say("first line", "second line")
     assert capsys.readouterr().out == "first line\nsecond line\n"
+
+
+def test_throttled_warnings_name_how_many_were_held_back() -> None:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    log = logging.getLogger("inferpool.test.throttle")
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        throttle = Throttle(3600.0)
+        for i in range(3):
+            throttle.warn(log, "shard 0", "release %d not confirmed", i)
+        throttle.every_s = 0.0  # the interval has passed
+        throttle.warn(log, "shard 0", "release %d not confirmed", 3)
+    finally:
+        log.removeHandler(handler)
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (logging.WARNING, "release 0 not confirmed"),
+        (logging.DEBUG, "release 1 not confirmed"),
+        (logging.DEBUG, "release 2 not confirmed"),
+        (logging.WARNING, "release 3 not confirmed (2 more since the last warning)"),
+    ]
