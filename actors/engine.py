@@ -20,7 +20,7 @@ from inferpool.actors.backends.base import EngineBackend, PauseMode
 from inferpool.actors.mailbox import Mailboxes, Outcome
 from inferpool.actors.weights import WeightReceiver
 from inferpool.config import EngineConfig
-from inferpool.errors import BackendError, EngineError, InferpoolError, RequestError
+from inferpool.errors import BackendError, EngineDeadError, InferpoolError, RequestError
 from inferpool.log import setup_logging
 from inferpool.metrics import MetricsRegistry
 from inferpool.types import EngineInfo, EngineStats, GenerateRequest, GenerateResult, PromptLogprobs
@@ -72,11 +72,18 @@ class EngineActor(WeightReceiver):
             logger.info("engine %s (%s) started in %.1fs", self.engine_id, self.info.backend, time.perf_counter() - t0)
         return self.info
 
+    def _require_started(self) -> None:
+        """A request reached an engine whose backend is not loaded: Ray restarted the actor and
+        the router's probe has not loaded it again yet. Retryable: the caller goes elsewhere."""
+        if self.info is None:
+            raise EngineDeadError(
+                f"engine {self.engine_id} is not started (restarted by Ray; its backend is loading again)"
+            )
+
     # -- generation -------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         """Serve one request. Errors leave as inferpool errors, never bare backend ones."""
-        if self.info is None:
-            raise EngineError(f"engine {self.engine_id} was not started")
+        self._require_started()
         t0 = time.monotonic()
         self._in_flight[request.request_id] = t0
         if request.session_id is not None:
@@ -144,8 +151,7 @@ class EngineActor(WeightReceiver):
         """Start serving ``requests`` for ``caller`` (results come back through ``collect``);
         returns the id of the caller's outbox, which changes when Ray restarts the actor or an
         idle outbox was dropped."""
-        if self.info is None:
-            raise EngineError(f"engine {self.engine_id} was not started")
+        self._require_started()
         return self._mail.submit(caller, requests)
 
     async def collect(self, caller: str, wait_s: float) -> tuple[str, list[tuple[str, Outcome]]]:

@@ -35,6 +35,7 @@ class EngineEntry:
     failures: int = 0
     prefix_cache_hit_rate: float | None = None
     last_error: str = ""
+    reloading: bool = False
 
 
 def _as_future(ref: Any) -> Any:
@@ -112,18 +113,12 @@ class HealthChecks:
             await self.start()
 
     async def _probe(self, engine_id: str, engine: EngineEntry) -> None:
+        if engine.reloading:  # another probe is loading its backend; that probe reports the outcome
+            return
         try:
             healthy = await bounded(_as_future(engine.handle.health.remote()), self.config.health_timeout_s)
             if healthy is False:  # the actor was restarted by Ray: load its backend again
-                logger.info("router: engine %s restarted; starting its backend", engine_id)
-                await bounded(_as_future(engine.handle.start.remote()), self.config.health_timeout_s * 30)
-                if self._latest_weights is not None:  # serve the current weights, not the checkpoint's
-                    chunks, version = self._latest_weights
-                    index = self._versions.get(str(version))
-                    await bounded(
-                        _as_future(engine.handle.update_weights.remote(chunks, version, None, index)),
-                        self.config.health_timeout_s * 30,
-                    )
+                await self._reload(engine_id, engine)
         except Exception as exc:  # any failure of the probe counts against the engine
             engine.failures += 1
             engine.last_error = f"health check failed: {type(exc).__name__}: {exc}"[:300]
@@ -139,6 +134,27 @@ class HealthChecks:
             engine.slot.healthy = True
             engine.last_error = ""
             await self._notify()
+
+    async def _reload(self, engine_id: str, engine: EngineEntry) -> None:
+        """Start a restarted engine's backend and load the latest weights; it gets no traffic
+        until that is done (a request routed there meanwhile would find no model)."""
+        logger.info("router: engine %s restarted; starting its backend", engine_id)
+        engine.reloading = True
+        try:
+            if engine.slot.healthy:
+                engine.slot.healthy = False
+                engine.last_error = "restarted by Ray; its backend is loading"
+                await self._notify()
+            await bounded(_as_future(engine.handle.start.remote()), self.config.health_timeout_s * 30)
+            if self._latest_weights is not None:  # serve the current weights, not the checkpoint's
+                chunks, version = self._latest_weights
+                index = self._versions.get(str(version))
+                await bounded(
+                    _as_future(engine.handle.update_weights.remote(chunks, version, None, index)),
+                    self.config.health_timeout_s * 30,
+                )
+        finally:
+            engine.reloading = False
 
     async def _read_engine_stats(self, engine: EngineEntry) -> None:
         """Queue length and KV-cache use as the engine reports them (used to break ties)."""

@@ -107,3 +107,20 @@ async def test_router_killed_mid_run_sessions_continue(failover_pool: ip.Pool) -
     res = await failover_pool.generate([1, 2], ip.SamplingParams(max_tokens=2))
     assert res.engine_id in failover_pool.engine_ids()
     assert len(await failover_pool._router.engine_infos.remote()) == 3
+
+
+async def test_a_restarted_engine_sends_requests_elsewhere_until_loaded() -> None:
+    """Ray restarted the actor, its backend is not loaded yet: a request that reaches it fails
+    with a retryable error, so the dispatcher tries another engine instead of failing the turn."""
+    from inferpool.actors.engine import EngineActor
+    from inferpool.errors import EngineDeadError
+    from inferpool.types import GenerateRequest
+
+    engine = EngineActor(ip.EngineConfig(backend="fake"), "e9")
+    request = GenerateRequest("r0", [1, 2, 3], ip.SamplingParams(max_tokens=2))
+    for call in (engine.generate(request), engine.submit("caller", [request])):
+        with pytest.raises(EngineDeadError, match="e9 is not started") as raised:
+            await call
+        assert raised.value.retryable
+    await engine.start()
+    assert (await engine.generate(request)).engine_id == "e9"

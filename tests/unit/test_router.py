@@ -30,8 +30,17 @@ class FakeHandle:
     def __init__(self) -> None:
         self.alive = True
         self.queue_len = 0
+        self.started = True  # False: Ray restarted the actor and its backend is not loaded
+        self.loading = asyncio.Event()  # set when a start() begins
+        self.may_finish = asyncio.Event()  # start() returns once this is set
         self.health = _Method(self._health)
         self.stats = _Method(self._stats)
+        self.start = _Method(self._start)
+
+    async def _start(self) -> None:
+        self.loading.set()
+        await self.may_finish.wait()
+        self.started = True
 
     async def _stats(self) -> Any:
         from inferpool.types import EngineStats
@@ -41,7 +50,7 @@ class FakeHandle:
     async def _health(self) -> bool:
         if not self.alive:
             raise RuntimeError("engine died")
-        return True
+        return self.started
 
 
 def info(eid: str) -> EngineInfo:
@@ -114,6 +123,20 @@ async def test_unhealthy_engine_is_skipped_then_reprobed() -> None:
         assert (await router.acquire()).engine_id == "e0"
     handles["e1"].alive = True
     assert await router.check_health() == {"e0": True, "e1": True}
+    assert (await router.acquire()).engine_id == "e1"
+
+
+async def test_restarted_engine_gets_no_traffic_while_its_backend_loads() -> None:
+    router, handles = await make_router(2)
+    handles["e1"].started = False  # as after Ray restarted the actor
+    probing = asyncio.ensure_future(router.check_health())
+    await asyncio.wait_for(handles["e1"].loading.wait(), 5)
+    assert router.load()["e1"]["healthy"] is False
+    assert await router.check_health() == {"e0": True, "e1": False}  # no second start meanwhile
+    leases = [await router.acquire() for _ in range(3)]
+    assert {lease.engine_id for lease in leases} == {"e0"}
+    handles["e1"].may_finish.set()
+    assert await asyncio.wait_for(probing, 5) == {"e0": True, "e1": True}
     assert (await router.acquire()).engine_id == "e1"
 
 
