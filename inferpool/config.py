@@ -44,8 +44,10 @@ class EngineConfig(ConfigModel):
     )
     engine_core_subprocess: bool | None = Field(
         None,
-        description="vLLM: run the engine core in its own process. None: on with a GPU, off on CPU "
-        "(in-process starts faster on small CPU machines).",
+        description="vLLM: sets VLLM_ENABLE_V1_MULTIPROCESSING for the engine actor. AsyncLLM always "
+        "runs its engine core in a subprocess; on, that core runs the model in a worker process of its "
+        "own; off, the core runs the model itself (one process fewer, starts faster on small CPU "
+        "machines). None: on with a GPU, off on CPU.",
     )
     dtype: str | None = Field(None, description="Model dtype. None: float32 on CPU (exact logprobs), 'auto' on GPU.")
     seed: int = Field(0, description="Engine seed (vLLM's global seed, the fake engine's RNG seed).")

@@ -1,9 +1,10 @@
 """The vLLM backend: an ``AsyncLLM`` held in the engine actor's process.
 
 Token ids in; sampled token ids, the engine's logprob of each sampled token and the
-finish reason out. The engine core runs in vLLM's own subprocess or in this process
-(``EngineConfig.engine_core_subprocess``; the actor sets
-``VLLM_ENABLE_V1_MULTIPROCESSING`` before vLLM is imported).
+finish reason out. ``AsyncLLM`` always runs its engine core in a subprocess of the actor;
+``EngineConfig.engine_core_subprocess`` (the actor sets ``VLLM_ENABLE_V1_MULTIPROCESSING``
+before vLLM is imported) decides whether that core runs the model itself (off) or in a
+worker process of its own (on).
 """
 
 from __future__ import annotations
