@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import ray
@@ -267,33 +267,43 @@ class Dispatcher:
 
     async def _attempts(self, request: GenerateRequest, timeout_s: float | None) -> GenerateResult:
         """route → generate → release, retried on another engine for retryable faults."""
+
+        async def run(held: Held) -> GenerateResult:
+            if request.request_id in self._aborted:  # aborted while it was being routed
+                return aborted_result(request, held.engine_id)
+            if request.session_id is not None:
+                self._session_requests[request.session_id][request.request_id] = held.engine_id
+            return await self._generate_on(held.engine_id, request, timeout_s)
+
+        return await self._failover(request.request_id, lambda exclude: self._ask(request, exclude), run)
+
+    async def _failover(
+        self, what: str, ask: Callable[[Sequence[str]], LeaseAsk], run: Callable[[Held], Awaitable[T]]
+    ) -> T:
+        """Lease an engine and ``run`` on it; a retryable fault is retried on another engine
+        (at most ``RouterConfig.max_attempts`` in all) and the failed engine reported."""
         exclude: list[str] = []
         attempts = self.config.router.max_attempts
         last_error: InferpoolError | None = None
         for attempt in range(1, attempts + 1):
             failed: InferpoolError | None = None
             try:
-                async with self.lease(self._ask(request, exclude)) as held:
+                async with self.lease(ask(exclude)) as held:
                     held.attempts = attempt
-                    if request.request_id in self._aborted:  # aborted while it was being routed
-                        held.ok = True
-                        return aborted_result(request, held.engine_id)
-                    if request.session_id is not None:
-                        self._session_requests[request.session_id][request.request_id] = held.engine_id
                     try:
-                        result = await self._generate_on(held.engine_id, request, timeout_s)
+                        out = await run(held)
                     except InferpoolError as exc:
                         if not exc.retryable or attempt == attempts:
                             raise
                         failed = exc
                     else:
                         held.ok = True
-                        return result
+                        return out
             except NoHealthyEngineError:
                 if last_error is not None:  # no engine left to retry on: surface the original
                     raise last_error from None
                 raise
-            self._warn_failover(request.request_id, held.engine_id, attempt, attempts, failed)
+            self._warn_failover(what, held.engine_id, attempt, attempts, failed)
             self._report_failure(held.engine_id, failed)
             exclude.append(held.engine_id)
             last_error = failed
@@ -373,11 +383,15 @@ class Dispatcher:
                 results[i] = out
 
     async def call(self, split: Split, call: Callable[[Any], ray.ObjectRef], timeout_s: float | None = None) -> Any:
-        """One leased engine call other than generate (text-level calls, prompt scoring)."""
-        async with self.lease(LeaseAsk(self._ticket(), split)) as held:
-            out = await self._on_engine(held.engine_id, call, timeout_s)
-            held.ok = True
-            return out
+        """One leased engine call other than generate (text-level calls, prompt scoring),
+        retried on another engine for retryable faults like generate."""
+
+        async def run(held: Held) -> Any:
+            return await self._on_engine(held.engine_id, call, timeout_s)
+
+        return await self._failover(
+            self.request_id(), lambda exclude: LeaseAsk(self._ticket(), split, exclude=tuple(exclude)), run
+        )
 
     # -- aborts ----------------------------------------------------------------------------
     def runs_session(self, session_id: str) -> bool:

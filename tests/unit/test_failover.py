@@ -118,9 +118,40 @@ async def test_a_restarted_engine_sends_requests_elsewhere_until_loaded() -> Non
 
     engine = EngineActor(ip.EngineConfig(backend="fake"), "e9")
     request = GenerateRequest("r0", [1, 2, 3], ip.SamplingParams(max_tokens=2))
-    for call in (engine.generate(request), engine.submit("caller", [request])):
+    calls = (engine.generate(request), engine.submit("caller", [request]), engine.prompt_logprobs([1, 2], 1))
+    for call in calls:
         with pytest.raises(EngineDeadError, match="e9 is not started") as raised:
             await call
         assert raised.value.retryable
     await engine.start()
     assert (await engine.generate(request)).engine_id == "e9"
+
+
+@ray.remote(num_cpus=0)
+def _fails_with(error: Exception) -> None:
+    raise error
+
+
+async def test_engine_calls_other_than_generate_fail_over_on_retryable_faults(failover_pool: ip.Pool) -> None:
+    """Prompt scoring and text-level calls take the same bounded failover as generate: a
+    retryable fault moves the call to another engine, any other fault reaches the caller."""
+    from inferpool.errors import EngineDeadError, RequestError
+
+    handles: list[Any] = []
+
+    def dies_once(handle: Any) -> Any:
+        handles.append(handle)
+        return _fails_with.remote(EngineDeadError("test: engine died")) if len(handles) == 1 else handle.health.remote()
+
+    assert await failover_pool.dispatcher.call("eval", dies_once) is True
+    assert len(handles) == 2 and handles[0] is not handles[1]
+
+    refused: list[Any] = []
+
+    def refuses(handle: Any) -> Any:
+        refused.append(handle)
+        return _fails_with.remote(RequestError("test: bad input", field="prompt"))
+
+    with pytest.raises(RequestError, match="bad input"):
+        await failover_pool.dispatcher.call("eval", refuses)
+    assert len(refused) == 1
