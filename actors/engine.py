@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Coroutine
 from typing import Any
 
 import ray
@@ -166,25 +166,28 @@ class EngineActor(WeightReceiver):
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """Text-level OpenAI chat call (text-only backends such as hosted APIs)."""
-        return await self._call("chat", lambda: self.backend.chat(body))
+        return await self._call("chat", self.backend.chat(body))
 
     async def completion(self, body: dict[str, Any]) -> dict[str, Any]:
         """Text-level OpenAI completion call (text-only backends)."""
-        return await self._call("completion", lambda: self.backend.completion(body))
+        return await self._call("completion", self.backend.completion(body))
 
     async def prompt_logprobs(self, prompt_token_ids: list[int], top_k: int) -> PromptLogprobs:
         """Top-k logprobs at every prompt position."""
-        return await self._call("prompt_logprobs", lambda: self.backend.prompt_logprobs(prompt_token_ids, top_k))
+        return await self._call("prompt_logprobs", self.backend.prompt_logprobs(prompt_token_ids, top_k))
 
-    async def _call(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
-        """Run a backend call; errors leave as inferpool errors."""
-        self._require_started()
+    async def _call(self, what: str, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Await a backend call; errors leave as inferpool errors. An engine whose backend is
+        not loaded refuses it with a retryable error (the call never runs)."""
         try:
-            return await call()
+            self._require_started()
+            return await coro
         except InferpoolError:
             raise
         except Exception as exc:
             raise BackendError(f"engine {self.engine_id} {what} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            coro.close()  # no-op once it ran; one refused unstarted does not warn "never awaited"
 
     async def abort(self, request_id: str) -> bool:
         """Abort one in-flight request; it ends with finish reason 'abort'. True the first time

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import ray
@@ -38,7 +39,7 @@ class WeightReceiver:
     _native: dict[str, Any]
     _transfer_joined: bool
 
-    async def _call(self, what: str, coro: Any) -> Any:
+    async def _call(self, what: str, coro: Coroutine[Any, Any, Any]) -> Any:
         raise NotImplementedError
 
     async def update_weights(
