@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import ray
@@ -35,7 +36,8 @@ class EngineEntry:
     failures: int = 0
     prefix_cache_hit_rate: float | None = None
     last_error: str = ""
-    reloading: bool = False
+    reloading: bool = False  # a probe is loading its backend (Ray restarted the actor)
+    failed_at: float = 0.0  # monotonic time of the last failure reported or probed
 
 
 def _as_future(ref: Any) -> Any:
@@ -53,6 +55,7 @@ class HealthChecks:
     _engines: dict[str, EngineEntry]
     _stores: list[Any]
     _health_task: asyncio.Task[None] | None
+    _loading: set[asyncio.Task[None]]  # engines found unstarted after a router restart, loading
     _latest_weights: tuple[list[Any], int | str] | None
     _versions: dict[str, int]
     shard: int
@@ -103,6 +106,10 @@ class HealthChecks:
                 continue
             if info is not None:
                 await self.register(info, handle)
+            else:  # Ray restarted it too and nobody loaded its backend: do that, then register it
+                task = asyncio.ensure_future(self._load_and_register(actor_name, handle))
+                self._loading.add(task)
+                task.add_done_callback(self._loading.discard)
         if stores:
             ordered = sorted(stores, key=lambda n: int(n.rsplit(":", 1)[1]))
             self._stores = [await asyncio.to_thread(ray.get_actor, n, namespace) for n in ordered]
@@ -115,12 +122,15 @@ class HealthChecks:
     async def _probe(self, engine_id: str, engine: EngineEntry) -> None:
         if engine.reloading:  # another probe is loading its backend; that probe reports the outcome
             return
+        began = time.monotonic()
         try:
             healthy = await bounded(_as_future(engine.handle.health.remote()), self.config.health_timeout_s)
             if healthy is False:  # the actor was restarted by Ray: load its backend again
                 await self._reload(engine_id, engine)
+                began = time.monotonic()  # loaded now: failures reported while it loaded are over
         except Exception as exc:  # any failure of the probe counts against the engine
             engine.failures += 1
+            engine.failed_at = time.monotonic()
             engine.last_error = f"health check failed: {type(exc).__name__}: {exc}"[:300]
             if engine.slot.healthy and engine.failures >= self.config.unhealthy_after:
                 logger.warning("router: engine %s unhealthy: %s", engine_id, engine.last_error)
@@ -129,7 +139,9 @@ class HealthChecks:
             return
         engine.failures = 0
         await self._read_engine_stats(engine)
-        if not engine.slot.healthy:
+        # a failure reported while this probe ran is newer than its verdict (the answer may come
+        # from an actor that died since): the circuit stays open until a later probe passes
+        if not engine.slot.healthy and engine.failed_at < began:
             logger.info("router: engine %s healthy again", engine_id)
             engine.slot.healthy = True
             engine.last_error = ""
@@ -145,16 +157,29 @@ class HealthChecks:
                 engine.slot.healthy = False
                 engine.last_error = "restarted by Ray; its backend is loading"
                 await self._notify()
-            await bounded(_as_future(engine.handle.start.remote()), self.config.health_timeout_s * 30)
-            if self._latest_weights is not None:  # serve the current weights, not the checkpoint's
-                chunks, version = self._latest_weights
-                index = self._versions.get(str(version))
-                await bounded(
-                    _as_future(engine.handle.update_weights.remote(chunks, version, None, index)),
-                    self.config.health_timeout_s * 30,
-                )
+            await self._load(engine.handle)
         finally:
             engine.reloading = False
+
+    async def _load(self, handle: Any) -> EngineInfo:
+        """Start an engine's backend (a restarted actor has none) with the latest weights."""
+        info: EngineInfo = await bounded(_as_future(handle.start.remote()), self.config.health_timeout_s * 30)
+        if self._latest_weights is not None:  # serve the current weights, not the checkpoint's
+            chunks, version = self._latest_weights
+            index = self._versions.get(str(version))
+            await bounded(
+                _as_future(handle.update_weights.remote(chunks, version, None, index)),
+                self.config.health_timeout_s * 30,
+            )
+        return info
+
+    async def _load_and_register(self, actor_name: str, handle: Any) -> None:
+        try:
+            info = await self._load(handle)
+        except Exception:  # an engine that cannot load stays out
+            logger.warning("router: could not start and re-register %s", actor_name, exc_info=True)
+            return
+        await self.register(info, handle)
 
     async def _read_engine_stats(self, engine: EngineEntry) -> None:
         """Queue length and KV-cache use as the engine reports them (used to break ties)."""

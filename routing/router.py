@@ -22,6 +22,7 @@ import ray
 
 from inferpool.config import PoolConfig, RouterConfig
 from inferpool.errors import EngineOverloadedError, InferpoolError, NoHealthyEngineError, RequestError
+from inferpool.log import setup_logging
 from inferpool.metrics import MetricsRegistry
 from inferpool.routing.health import EngineEntry, HealthChecks
 from inferpool.routing.leases import Lease, LeaseAsk, LeaseBook, LeaseReturn
@@ -37,6 +38,7 @@ class Router(HealthChecks):
     :class:`~inferpool.routing.health.HealthChecks`)."""
 
     def __init__(self, config: RouterConfig, pool_config: PoolConfig | None = None, shard: int = 0) -> None:
+        setup_logging()
         self.config = config
         self.pool_config = pool_config
         self.shard = shard  # of RouterConfig.shards (routing/shards.py); 0 also holds the pool's ledger
@@ -53,6 +55,7 @@ class Router(HealthChecks):
         self._ids = itertools.count(1)
         self._changed: asyncio.Condition | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self._loading: set[asyncio.Task[None]] = set()
         self._stores: list[Any] = []
         self._versions: dict[str, int] = {"0": 0}  # weight version label -> update index
         self._latest_weights: tuple[list[Any], int | str] | None = None  # object-store chunks of the last update
@@ -375,6 +378,8 @@ class Router(HealthChecks):
         """A caller saw this engine die or hang: stop routing to it until a probe passes."""
         engine = self._engines.get(engine_id)
         self.metrics.inc("inferpool_routing_decisions_total", policy=self.policy.name, outcome="failover")
+        if engine is not None:
+            engine.failed_at = time.monotonic()  # a probe already under way cannot close the circuit
         if engine is not None and engine.slot.healthy:
             logger.warning("router: engine %s marked unhealthy: %s", engine_id, error)
             engine.slot.healthy = False
@@ -417,6 +422,8 @@ class Router(HealthChecks):
     async def shutdown(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
+        for task in list(self._loading):
+            task.cancel()
 
 
 RouterActor = ray.remote(num_cpus=0, max_restarts=-1)(Router)

@@ -27,20 +27,28 @@ class _Method:
 class FakeHandle:
     """Stands in for an engine actor handle: ``health.remote()`` returns a coroutine."""
 
-    def __init__(self) -> None:
+    def __init__(self, eid: str = "e0") -> None:
+        self.eid = eid
         self.alive = True
         self.queue_len = 0
         self.started = True  # False: Ray restarted the actor and its backend is not loaded
         self.loading = asyncio.Event()  # set when a start() begins
         self.may_finish = asyncio.Event()  # start() returns once this is set
+        self.answer: asyncio.Event | None = None  # health() answers only once this is set
+        self.asked = asyncio.Event()  # set when a health() call arrives
         self.health = _Method(self._health)
         self.stats = _Method(self._stats)
         self.start = _Method(self._start)
+        self.get_info = _Method(self._get_info)
 
-    async def _start(self) -> None:
+    async def _start(self) -> EngineInfo:
         self.loading.set()
         await self.may_finish.wait()
         self.started = True
+        return info(self.eid)
+
+    async def _get_info(self) -> EngineInfo | None:
+        return info(self.eid) if self.started else None
 
     async def _stats(self) -> Any:
         from inferpool.types import EngineStats
@@ -48,7 +56,11 @@ class FakeHandle:
         return EngineStats(engine_id="x", queue_len=self.queue_len, kv_cache_usage=0.5)
 
     async def _health(self) -> bool:
-        if not self.alive:
+        alive = self.alive  # the verdict as of the moment the call reached the engine
+        self.asked.set()
+        if self.answer is not None:
+            await self.answer.wait()
+        if not alive:
             raise RuntimeError("engine died")
         return self.started
 
@@ -60,7 +72,7 @@ def info(eid: str) -> EngineInfo:
 async def make_router(n: int = 2, **cfg: Any) -> tuple[Router, dict[str, FakeHandle]]:
     config = RouterConfig(max_requests_per_engine=4, eval_requests_per_engine=1, acquire_timeout_s=0.3, **cfg)
     router = Router(config)
-    handles = {f"e{i}": FakeHandle() for i in range(n)}
+    handles = {f"e{i}": FakeHandle(f"e{i}") for i in range(n)}
     for eid, h in handles.items():
         await router.register(info(eid), h)
     return router, handles
@@ -138,6 +150,42 @@ async def test_restarted_engine_gets_no_traffic_while_its_backend_loads() -> Non
     handles["e1"].may_finish.set()
     assert await asyncio.wait_for(probing, 5) == {"e0": True, "e1": True}
     assert (await router.acquire()).engine_id == "e1"
+
+
+async def test_a_probe_verdict_older_than_a_failure_report_does_not_close_the_circuit() -> None:
+    """The engine answered the probe, then died and a caller reported it before the answer
+    arrived: that answer is older than the report and must not put the engine back."""
+    router, handles = await make_router(2)
+    await router.report_failure("e1", "died earlier")
+    handles["e1"].answer = asyncio.Event()
+    probing = asyncio.ensure_future(router.check_health())
+    await asyncio.wait_for(handles["e1"].asked.wait(), 5)  # the probe's health call is out
+    await router.report_failure("e1", "died again while the probe was out")
+    handles["e1"].answer.set()
+    assert await asyncio.wait_for(probing, 5) == {"e0": True, "e1": False}
+    handles["e1"].answer = None
+    assert await router.check_health() == {"e0": True, "e1": True}  # a later probe passes
+
+
+async def test_a_restarted_router_loads_and_registers_an_engine_nobody_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray restarted an engine and the router together: the engine the new router finds with
+    no backend is started, then registered, instead of being left out for good."""
+    from inferpool.config import PoolConfig
+    from inferpool.routing import health
+
+    handles = {eid: FakeHandle(eid) for eid in ("e0", "e1")}
+    handles["e1"].started = False
+    handles["e1"].may_finish.set()
+    named = [{"namespace": "ns", "name": f"p:engine:{eid}"} for eid in handles]
+    monkeypatch.setattr(health.ray.util, "list_named_actors", lambda all_namespaces=False: named)
+    monkeypatch.setattr(health.ray, "get_actor", lambda name, namespace=None: handles[name.rsplit(":", 1)[1]])
+    router = Router(RouterConfig(health_interval_s=60), PoolConfig(name="p", namespace="ns"))
+    await router.start()
+    await asyncio.wait_for(asyncio.gather(*router._loading), 5)
+    assert sorted(router.load()) == ["e0", "e1"] and handles["e1"].started
+    await router.shutdown()
 
 
 async def test_no_healthy_engine_is_a_clear_error_after_bounded_wait() -> None:
