@@ -100,17 +100,19 @@ class Session:
                 self._mirror = rebuild(self.session_id, track, turns, wires)
             self._fresh = False
             tree = self._mirror
-            done = await run(tree, await staleness_check(self.pool.router, self.pool.config.router, tree))
-            # the store checks and records what the turn added (records of concurrent turns travel
-            # together) before the mirror does, so a turn the store refuses changes nothing
-            wires = [to_wire(tree, seg) for seg in done.segments]
-            record = (self.session_id, self._create(), wires, done.ambiguous, done.rerendered)
-            try:
-                with self._store_errors():
-                    await self.pool.session_recorder(self.session_id).submit(record)
-            except BaseException:
-                self._mirror = None  # the store may hold more or less than the mirror now: fetch it again
-                raise
+            # the turn's lease give-back is confirmed together with its record (one wait, not two)
+            async with self.pool.dispatcher.confirm_releases_at_end():
+                done = await run(tree, await staleness_check(self.pool.router, self.pool.config.router, tree))
+                # the store checks and records what the turn added (records of concurrent turns
+                # travel together) before the mirror does, so a turn the store refuses changes nothing
+                wires = [to_wire(tree, seg) for seg in done.segments]
+                record = (self.session_id, self._create(), wires, done.ambiguous, done.rerendered)
+                try:
+                    with self._store_errors():
+                        await self.pool.session_recorder(self.session_id).submit(record)
+                except BaseException:
+                    self._mirror = None  # the store may hold more or less than the mirror now: fetch it again
+                    raise
             tree.record(done.segments)
             return done.response
 

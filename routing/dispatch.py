@@ -6,12 +6,12 @@ what the engine returns, so the code above it cannot tell a pool from one engine
     lease a slot (router) → call the engine actor → give the lease back
 
 with everything around it in this one place: the lease's lifetime (acquired and given
-back in :meth:`Dispatcher.lease`, a construct that cannot be skipped: cancellation,
-timeouts, engine death and router restarts all pass through its ``finally``), retry on
-another engine for retryable faults, ``n`` split into sub-requests and merged, abort
-tracking per session, and the batching of router calls (one acquire and one release
-call per event-loop turn for all concurrent requests). ``Pool``, the session stores
-and the HTTP ingress (through ``Pool``) all dispatch through it.
+back in :meth:`~inferpool.routing.lease_client.LeaseClient.lease`, a construct that cannot
+be skipped: cancellation, timeouts, engine death and router restarts all pass through its
+``finally``; router calls batched per event-loop turn), retry on another engine for
+retryable faults, ``n`` split into sub-requests and merged, and abort tracking per
+session. ``Pool``, the session stores and the HTTP ingress (through ``Pool``) all
+dispatch through it.
 """
 
 from __future__ import annotations
@@ -19,87 +19,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 import logging
-import time
-import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import ray
 
 from inferpool.config import PoolConfig
-from inferpool.errors import EngineDeadError, InferpoolError, NoHealthyEngineError
-from inferpool.log import Throttle
-from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref, bounded
-from inferpool.routing.batching import CallBatcher, LoopLocal
+from inferpool.errors import InferpoolError, NoHealthyEngineError
+from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref
+from inferpool.routing.batching import LoopLocal
 from inferpool.routing.channel import EngineChannel
 from inferpool.routing.engines import EngineView
+from inferpool.routing.lease_client import Held, LeaseClient
 from inferpool.routing.leases import Lease, LeaseAsk, LeaseReturn
 from inferpool.routing.policy import policy_reads_prompt
 from inferpool.routing.results import aborted_result, gather_all, merge_results, split_n
-from inferpool.routing.shards import RouterSet, engine_shard
+from inferpool.routing.shards import RouterSet
 from inferpool.types import EngineInfo, GenerateRequest, GenerateResult, SamplingParams, Split
 from inferpool.validation import check_request
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_ROUTER_RESTART_S = 30.0  # how long callers wait for a restarted router
-_RELEASE_CONFIRM_S = 10.0  # how long a finished call waits to see its lease given back
-_WARN_EVERY_S = 5.0  # at most one failover warning per engine (release warning per shard) this often
 
-
-@dataclasses.dataclass
-class Held:
-    """The leases of one ask while they are held; the holder sets ``ok`` when its call succeeded."""
-
-    ticket: str
-    leases: list[Lease] = dataclasses.field(default_factory=list)
-    ok: bool = False
-    attempts: int = 1
-    shard: int | None = None  # the router shard that granted the leases
-    asking: int | None = None  # the shard an unanswered ask is at (the caller may be cancelled meanwhile)
-
-    @property
-    def engine_id(self) -> str:
-        return self.leases[0].engine_id
-
-
-class Dispatcher:
+class Dispatcher(LeaseClient):
     """Routes requests of one process to a pool's engines (see the module docstring)."""
 
     def __init__(self, routers: Any, config: PoolConfig, infos: Sequence[EngineInfo] = ()) -> None:
         """``routers``: the pool's router shards (a :class:`RouterSet`, a list, or one handle)."""
-        self.routers = RouterSet.of(routers)
+        super().__init__(RouterSet.of(routers), config)
         self.router = self.routers.primary
-        self.config = config
         self.engines = EngineView(self.routers, config, infos)
-        self._prefix = uuid.uuid4().hex[:8]
         # the router sees prompts only when its policy reads them (they grow with a conversation)
         self._route_prefix = config.router.route_prefix_tokens if policy_reads_prompt(config.router.policy) else 0
-        self._ids = itertools.count()
-        # every lease asked for and given back in one event-loop turn travels in one call per shard
-        acquire_timeout = config.router.acquire_timeout_s + 10
-        self._lease_calls: list[LoopLocal[CallBatcher]] = [
-            LoopLocal(lambda r=r: CallBatcher(r.exchange.remote, acquire_timeout, "router lease exchange"))
-            for r in self.routers.routers
-        ]
         # engine_id -> this process's batched generate traffic with it (RouterConfig.batch_engine_calls)
         self._channels: LoopLocal[dict[str, EngineChannel]] = LoopLocal(dict)
         # session_id -> {request_id: engine_id, or None while routing}: what abort_session reaches
         self._session_requests: dict[str, dict[str, str | None]] = defaultdict(dict)
         self._aborted: set[str] = set()  # request ids aborted before they reached an engine
-        # a lost engine fails all it held at once, a lost router leaves every release unconfirmed
-        self._warnings = Throttle(_WARN_EVERY_S)
 
     # -- requests --------------------------------------------------------------------------
     def request_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
-
-    def _ticket(self) -> str:
-        return f"{self._prefix}:t{next(self._ids)}"
 
     async def check(self, request: GenerateRequest, where: str = "") -> None:
         """Refuse what no engine of the pool can serve, before any engine sees it."""
@@ -118,80 +81,6 @@ class Dispatcher:
         request = GenerateRequest(self.request_id(), prompt_token_ids, sampling, split, session_id)  # type: ignore[arg-type]
         await self.check(request)
         return await self.generate(request, timeout_s)
-
-    def _first_shard(self, session_id: str | None) -> int:
-        """The shard a request asks first: its session's (affinity), else this process's own
-        (callers spread over the shards; one caller's asks batch into one call per loop turn)."""
-        shards = len(self.routers)
-        if shards == 1:
-            return 0
-        return engine_shard(session_id if session_id is not None else self._prefix, shards)
-
-    @contextlib.asynccontextmanager
-    async def lease(self, ask: LeaseAsk) -> AsyncIterator[Held]:
-        """Hold the leases of ``ask`` for the body; they are given back on every way out.
-
-        The give-back is queued synchronously in ``finally`` (so a cancelled caller still
-        sends it) and names the ask's ticket, so it also covers a grant the caller never
-        saw. Unless the caller was cancelled, it waits (bounded) until the router confirmed
-        it, so capacity is exact when the call returns.
-        """
-        held = Held(ask.ticket)
-        cancelled = False
-        try:
-            await self._acquire(ask, held)
-            yield held
-        except asyncio.CancelledError:
-            cancelled = True
-            raise
-        finally:
-            shard = held.shard if held.shard is not None else held.asking
-            if shard is not None:  # else every shard asked answered: nothing granted, nothing to close
-                done = self._lease_calls[shard].get().enqueue(LeaseReturn(ask.ticket, None, held.ok, held.attempts))
-                if not cancelled:
-                    try:
-                        await bounded(asyncio.shield(done), _RELEASE_CONFIRM_S)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as exc:  # the router is gone or slow: it reaps expired leases itself
-                        self._warnings.warn(
-                            logger,
-                            f"shard {shard}",
-                            "lease release at router shard %d was not confirmed (%s: %s); the router reclaims "
-                            "expired leases itself",
-                            *(shard, type(exc).__name__, exc),
-                        )
-
-    async def _acquire(self, ask: LeaseAsk, held: Held) -> None:
-        """Lease slots for ``held``: at once from the first shard, else at once from the others,
-        else a bounded wait at the first; if a router actor died, wait (bounded) for Ray to
-        restart it."""
-        first = self._first_shard(ask.session_id)
-        order = [(first + k) % len(self.routers) for k in range(len(self.routers))]
-        deadline = time.monotonic() + _ROUTER_RESTART_S
-        delay = 0.05
-        while True:
-            try:
-                for shard in order:
-                    held.asking = shard
-                    leases: list[Lease] = await self._lease_calls[shard].get().submit(ask)
-                    if leases:
-                        held.leases, held.shard, held.asking = leases, shard, None
-                        return
-                held.asking = first
-                held.leases = await await_ref(
-                    self.routers.routers[first].lease_wait.remote(ask),
-                    self.config.router.acquire_timeout_s + 10,
-                    "router acquire",
-                )
-                held.shard, held.asking = first, None
-                return
-            except EngineDeadError:
-                if time.monotonic() > deadline:
-                    raise
-                logger.warning("router unavailable; retrying acquire in %.2fs", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
 
     def _ask(self, request: GenerateRequest, exclude: Sequence[str] = (), count: int = 1) -> LeaseAsk:
         return LeaseAsk(

@@ -127,6 +127,24 @@ async def test_session_chat_cut_by_wait_for_leaks_nothing(tight_pool: ip.Pool) -
     await served_at_once(tight_pool)
 
 
+async def test_give_backs_deferred_to_the_end_of_a_block_are_confirmed_there(tight_pool: ip.Pool) -> None:
+    """A session turn confirms its lease give-back together with its record: inside
+    ``confirm_releases_at_end`` the wait moves to the block's end, where it happens."""
+    from inferpool.routing.lease_client import _DEFERRED_CONFIRMS
+
+    async with tight_pool.dispatcher.confirm_releases_at_end():
+        await asyncio.gather(*(tight_pool.generate([1, 2, 3], ip.SamplingParams(max_tokens=2)) for _ in range(3)))
+        pending = list(_DEFERRED_CONFIRMS.get() or [])
+        assert len(pending) == 3  # one give-back per call, not yet waited for
+    assert all(done.done() and not done.cancelled() and done.exception() is None for _, done in pending)
+    assert _DEFERRED_CONFIRMS.get() is None
+    assert await router_in_flight(tight_pool) == 0  # confirmed: nothing left to settle
+    async with tight_pool.session() as s:
+        for _ in range(3):
+            await s.chat([{"role": "user", "content": "hi"}], max_tokens=4)
+            assert await router_in_flight(tight_pool) == 0
+
+
 async def test_thousands_of_random_cancellations_leave_the_pool_idle_and_serving(tight_pool: ip.Pool) -> None:
     """Generate, generate_batch and session chat calls, cancelled at random moments (before,
     during and after the router call, in the batcher, on the engine): afterwards the router
