@@ -126,27 +126,30 @@ async def chat_turn(
     match = tree.match_chat(msgs, ask.extends) if tree is not None else Match()
     parent, flags = _parent(match, key, stale)
     continuing = parent is not None and match.stored == len(msgs) and continue_final
-    if continuing:
-        assert parent is not None and tree is not None
-        full = tree.tokens(parent)
-        prompt = full[: len(full) - 1] if parent.ended_with_eos else full
-        suffix_ids: list[int] = []
-        suffix_text = ""
-    elif parent is not None:
-        assert tree is not None
-        suffix_text = renderer.suffix(
-            msgs, match.stored, parent.ended_with_eos, tools=tools, template_kwargs=kwargs,
-            continue_final=continue_final,
-        )  # fmt: skip
-        suffix_ids = renderer.encode(suffix_text)
-        prompt = np.concatenate([tree.tokens(parent), np.asarray(suffix_ids, np.int64)])
-    else:
+    suffix_text, suffix_ids = "", list[int]()
+
+    def render() -> np.ndarray:
+        """The prompt (runs while the dispatcher's lease ask is at the router)."""
+        nonlocal suffix_text, suffix_ids
+        if continuing:
+            assert parent is not None and tree is not None
+            full = tree.tokens(parent)
+            return full[: len(full) - 1] if parent.ended_with_eos else full
+        if parent is not None:
+            assert tree is not None
+            suffix_text = renderer.suffix(
+                msgs, match.stored, parent.ended_with_eos, tools=tools, template_kwargs=kwargs,
+                continue_final=continue_final,
+            )  # fmt: skip
+            suffix_ids = renderer.encode(suffix_text)
+            return np.concatenate([tree.tokens(parent), np.asarray(suffix_ids, np.int64)])
         suffix_text, suffix_ids = renderer.render(
             msgs, tools=tools, template_kwargs=kwargs, continue_final=continue_final
         )
-        prompt = np.asarray(suffix_ids, np.int64)
+        return np.asarray(suffix_ids, np.int64)
+
     # dispatch
-    result = await dispatcher.submit(prompt, sp, ask.split, tree.session_id if tree is not None else None)
+    result = await dispatcher.submit(render, sp, ask.split, tree.session_id if tree is not None else None)
     # record
     choices: list[ChatChoice] = []
     segments: list[Segment] = []

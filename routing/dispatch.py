@@ -32,7 +32,7 @@ from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref
 from inferpool.routing.batching import LoopLocal
 from inferpool.routing.channel import EngineChannel
 from inferpool.routing.engines import EngineView
-from inferpool.routing.lease_client import Held, LeaseClient
+from inferpool.routing.lease_client import Held, LeaseClient, Prepare
 from inferpool.routing.leases import Lease, LeaseAsk, LeaseReturn
 from inferpool.routing.policy import policy_reads_prompt
 from inferpool.routing.results import aborted_result, gather_all, merge_results, split_n
@@ -71,16 +71,34 @@ class Dispatcher(LeaseClient):
 
     async def submit(
         self,
-        prompt_token_ids: Sequence[int],
+        prompt_token_ids: Sequence[int] | Callable[[], Sequence[int]],
         sampling: SamplingParams,
         split: Split = "train",
         session_id: str | None = None,
         timeout_s: float | None = None,
     ) -> GenerateResult:
-        """Build, check and serve one request (what a chat or completion turn sends)."""
-        request = GenerateRequest(self.request_id(), prompt_token_ids, sampling, split, session_id)  # type: ignore[arg-type]
-        await self.check(request)
-        return await self.generate(request, timeout_s)
+        """Build, check and serve one request (what a chat or completion turn sends).
+
+        ``prompt_token_ids`` may be a function that makes them (a turn's render): unless the
+        router's policy reads prompts or ``n`` is split, it runs while the lease ask is at the
+        router, so the caller's render and the router's round trip overlap."""
+        render = prompt_token_ids if callable(prompt_token_ids) else None
+        if render is not None and (
+            self._route_prefix or len(split_n(sampling.n, self.config.router.max_n_per_request)) > 1
+        ):
+            prompt_token_ids, render = render(), None
+        prompt: Any = [] if render is not None else prompt_token_ids
+        request = GenerateRequest(self.request_id(), prompt, sampling, split, session_id)  # type: ignore[arg-type]
+        if render is None:
+            await self.check(request)
+            return await self.generate(request, timeout_s)
+
+        async def prepare() -> None:
+            assert render is not None
+            request.prompt_token_ids = render()  # type: ignore[assignment]
+            await self.check(request)
+
+        return await self._tracked(request, timeout_s, prepare)
 
     def _ask(self, request: GenerateRequest, exclude: Sequence[str] = (), count: int = 1) -> LeaseAsk:
         return LeaseAsk(
@@ -140,22 +158,27 @@ class Dispatcher(LeaseClient):
         results = await gather_all([self._tracked(r, timeout_s) for r in subs])
         return merge_results(request.request_id, results)
 
-    async def _tracked(self, request: GenerateRequest, timeout_s: float | None) -> GenerateResult:
+    async def _tracked(
+        self, request: GenerateRequest, timeout_s: float | None, prepare: Prepare | None = None
+    ) -> GenerateResult:
         """Attempts of one request, visible to abort_session while they run."""
         if request.session_id is None:
-            return await self._attempts(request, timeout_s)
+            return await self._attempts(request, timeout_s, prepare)
         tracked = self._session_requests[request.session_id]
         tracked[request.request_id] = None
         try:
-            return await self._attempts(request, timeout_s)
+            return await self._attempts(request, timeout_s, prepare)
         finally:
             tracked.pop(request.request_id, None)
             self._aborted.discard(request.request_id)
             if not tracked:
                 self._session_requests.pop(request.session_id, None)
 
-    async def _attempts(self, request: GenerateRequest, timeout_s: float | None) -> GenerateResult:
-        """route → generate → release, retried on another engine for retryable faults."""
+    async def _attempts(
+        self, request: GenerateRequest, timeout_s: float | None, prepare: Prepare | None = None
+    ) -> GenerateResult:
+        """route → generate → release, retried on another engine for retryable faults
+        (``prepare``: see :meth:`submit`)."""
 
         async def run(held: Held) -> GenerateResult:
             if request.request_id in self._aborted:  # aborted while it was being routed
@@ -164,20 +187,26 @@ class Dispatcher(LeaseClient):
                 self._session_requests[request.session_id][request.request_id] = held.engine_id
             return await self._generate_on(held.engine_id, request, timeout_s)
 
-        return await self._failover(request.request_id, lambda exclude: self._ask(request, exclude), run)
+        return await self._failover(request.request_id, lambda exclude: self._ask(request, exclude), run, prepare)
 
     async def _failover(
-        self, what: str, ask: Callable[[Sequence[str]], LeaseAsk], run: Callable[[Held], Awaitable[T]]
+        self,
+        what: str,
+        ask: Callable[[Sequence[str]], LeaseAsk],
+        run: Callable[[Held], Awaitable[T]],
+        prepare: Prepare | None = None,
     ) -> T:
         """Lease an engine and ``run`` on it; a retryable fault is retried on another engine
-        (at most ``RouterConfig.max_attempts`` in all) and the failed engine reported."""
+        (at most ``RouterConfig.max_attempts`` in all) and the failed engine reported.
+        ``prepare`` runs once, during the first lease ask."""
         exclude: list[str] = []
         attempts = self.config.router.max_attempts
         last_error: InferpoolError | None = None
         for attempt in range(1, attempts + 1):
             failed: InferpoolError | None = None
             try:
-                async with self.lease(ask(exclude)) as held:
+                async with self.lease(ask(exclude), prepare) as held:
+                    prepare = None
                     held.attempts = attempt
                     try:
                         out = await run(held)

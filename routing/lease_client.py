@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from inferpool.config import PoolConfig
@@ -37,6 +37,9 @@ _WARN_EVERY_S = 5.0  # at most one failover warning per engine (release warning 
 _DEFERRED_CONFIRMS: contextvars.ContextVar[list[tuple[int, asyncio.Future[Any]]] | None] = contextvars.ContextVar(
     "inferpool_deferred_release_confirms", default=None
 )
+
+
+Prepare = Callable[[], Awaitable[None]]  # a caller's own work, run while its lease ask is in flight
 
 
 @dataclasses.dataclass
@@ -84,8 +87,12 @@ class LeaseClient:
         return engine_shard(session_id if session_id is not None else self._prefix, shards)
 
     @contextlib.asynccontextmanager
-    async def lease(self, ask: LeaseAsk) -> AsyncIterator[Held]:
+    async def lease(self, ask: LeaseAsk, prepare: Prepare | None = None) -> AsyncIterator[Held]:
         """Hold the leases of ``ask`` for the body; they are given back on every way out.
+
+        ``prepare`` (the request's own work that the router does not need, e.g. rendering its
+        prompt) runs once while the ask is at the router, so the two overlap; if it raises,
+        the ask's grant is given back as on any other way out.
 
         The give-back is queued synchronously in ``finally`` (so a cancelled caller still
         sends it) and names the ask's ticket, so it also covers a grant the caller never
@@ -96,7 +103,7 @@ class LeaseClient:
         held = Held(ask.ticket)
         cancelled = False
         try:
-            await self._acquire(ask, held)
+            await self._acquire(ask, held, prepare)
             yield held
         except asyncio.CancelledError:
             cancelled = True
@@ -146,10 +153,10 @@ class LeaseClient:
                 *(shard, type(exc).__name__, exc),
             )
 
-    async def _acquire(self, ask: LeaseAsk, held: Held) -> None:
+    async def _acquire(self, ask: LeaseAsk, held: Held, prepare: Prepare | None = None) -> None:
         """Lease slots for ``held``: at once from the first shard, else at once from the others,
         else a bounded wait at the first; if a router actor died, wait (bounded) for Ray to
-        restart it."""
+        restart it. ``prepare`` runs once, after the first ask has left."""
         first = self._first_shard(ask.session_id)
         order = [(first + k) % len(self.routers) for k in range(len(self.routers))]
         deadline = time.monotonic() + _ROUTER_RESTART_S
@@ -158,7 +165,12 @@ class LeaseClient:
             try:
                 for shard in order:
                     held.asking = shard
-                    leases: list[Lease] = await self._lease_calls[shard].get().submit(ask)
+                    answer = self._lease_calls[shard].get().enqueue(ask)
+                    if prepare is not None:
+                        await asyncio.sleep(0)  # the batch of asks leaves before this caller's own work
+                        run, prepare = prepare, None
+                        await run()
+                    leases: list[Lease] = await answer
                     if leases:
                         held.leases, held.shard, held.asking = leases, shard, None
                         return

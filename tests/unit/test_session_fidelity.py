@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -42,8 +42,14 @@ class ScriptedEngine:
         self.prompts: list[list[int]] = []
 
     async def submit(
-        self, prompt: Sequence[int], sampling: SamplingParams, split: str = "train", session_id: str | None = None
+        self,
+        prompt: Sequence[int] | Callable[[], Sequence[int]],
+        sampling: SamplingParams,
+        split: str = "train",
+        session_id: str | None = None,
     ) -> GenerateResult:
+        if callable(prompt):  # a turn's render, which the dispatcher runs while its lease ask is out
+            prompt = prompt()
         self.prompts.append(list(prompt))
         replies = self.script.pop(0)
         choices = [

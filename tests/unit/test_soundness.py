@@ -174,6 +174,45 @@ async def test_thousands_of_random_cancellations_leave_the_pool_idle_and_serving
     assert counts["leases"] == 0 and counts["tickets"] == 0
 
 
+async def test_a_turn_renders_while_its_lease_ask_is_at_the_router(tight_pool: ip.Pool) -> None:
+    """The render a turn hands the dispatcher runs once, after its lease ask has left (the two
+    overlap), and the engine gets exactly what it rendered."""
+    dispatcher = tight_pool.dispatcher
+    seen: list[int] = []
+
+    def render() -> list[int]:
+        seen.append(len(dispatcher._lease_calls[0].get()._pending))  # asks still queued here
+        return [7, 8, 9]
+
+    results = await asyncio.gather(*(dispatcher.submit(render, ip.SamplingParams(max_tokens=2)) for _ in range(5)))
+    assert seen == [0] * 5  # every ask had left when its render ran
+    assert all(list(r.prompt_token_ids) == [7, 8, 9] and r.choices[0].token_ids for r in results)
+    assert await router_in_flight(tight_pool) == 0
+
+
+async def test_a_render_that_fails_while_its_ask_is_in_flight_leaks_nothing(tight_pool: ip.Pool) -> None:
+    """A failing render (a bug in the caller's own code, or a prompt no engine takes) raises to
+    the caller; the grant its ask got is given back by its ticket."""
+    dispatcher = tight_pool.dispatcher
+
+    def broken() -> list[int]:
+        raise ip.RequestError("messages: cannot be rendered", field="messages")
+
+    for _ in range(CAPACITY + 2):  # more than the slots: a lost grant would starve the engine
+        with pytest.raises(ip.RequestError, match="cannot be rendered"):
+            await dispatcher.submit(broken, ip.SamplingParams(max_tokens=2))
+        with pytest.raises(ip.RequestError) as err:
+            await dispatcher.submit(lambda: [10**7], ip.SamplingParams(max_tokens=2))
+        assert err.value.field == "prompt_token_ids"
+    await settle(tight_pool)
+    s = tight_pool.session()
+    with pytest.raises(ip.RequestError, match=r"max_model_len|context"):
+        await s.chat([{"role": "user", "content": "word " * 2000}], max_tokens=2)
+    assert (await s.state()).nodes == []
+    await settle(tight_pool)
+    await served_at_once(tight_pool)
+
+
 # -- sessions -----------------------------------------------------------------------------------
 async def test_a_session_handle_whose_first_call_failed_stays_usable(tight_pool: ip.Pool) -> None:
     s = tight_pool.session()  # no context manager
