@@ -314,7 +314,12 @@ class SessionStore:
             entry.tree.reset()
 
     async def close(self, session_id: str) -> bool:
-        closed = self._sessions.pop(session_id, None) is not None
+        return (await self.close_batch([session_id]))[0]
+
+    async def close_batch(self, session_ids: list[str]) -> list[bool]:
+        """Forget these sessions (one call for the closes of one caller's event-loop turn);
+        whether each was open."""
+        closed = [self._sessions.pop(sid, None) is not None for sid in session_ids]
         self.metrics.set("inferpool_sessions_open", len(self._sessions), shard=str(self.shard))
         return closed
 

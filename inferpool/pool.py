@@ -81,7 +81,7 @@ class Pool:
         self.fleet = Fleet(config, self.routers)
         self._weights = WeightPusher(config, self.routers, self.fleet.broadcast)
         self._renderer: ChatRenderer | None = None
-        self._recorders: dict[int, LoopLocal[CallBatcher]] = {}
+        self._recorders: dict[tuple[int, str], LoopLocal[CallBatcher]] = {}
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -304,16 +304,16 @@ class Pool:
         """The store actor that owns a session id."""
         return self._stores[shard_of(session_id, len(self._stores))]
 
-    def session_recorder(self, session_id: str) -> CallBatcher:
-        """Records of turns run in this process, to the session's store: one call per event-loop
-        turn carries every session's record for that store."""
+    def session_recorder(self, session_id: str, method: str = "record_batch") -> CallBatcher:
+        """Batched calls of this process to the session's store (``record_batch``: records of turns
+        run here; ``close_batch``: closes): one call per event-loop turn carries every session's."""
         shard = shard_of(session_id, len(self._stores))
-        if shard not in self._recorders:
-            store = self._stores[shard]
-            self._recorders[shard] = LoopLocal(
-                lambda: CallBatcher(store.record_batch.remote, CONTROL_TIMEOUT_S, "session store record")
+        if (shard, method) not in self._recorders:
+            send = getattr(self._stores[shard], method).remote
+            self._recorders[shard, method] = LoopLocal(
+                lambda: CallBatcher(send, CONTROL_TIMEOUT_S, f"session store {method}")
             )
-        return self._recorders[shard].get()
+        return self._recorders[shard, method].get()
 
     def session_stores(self) -> list[Any]:
         """The SessionStore actor handles, in shard order."""

@@ -294,8 +294,10 @@ class Session:
         self._mirror = None
 
     async def close(self) -> None:
-        """Forget the session and its state (idempotent)."""
-        await self._call(self._store.close.remote(self.session_id))
+        """Forget the session and its state (idempotent). Closes of concurrent sessions travel
+        together, one call per store and event-loop turn."""
+        with self._store_errors():
+            await self.pool.session_recorder(self.session_id, "close_batch").submit(self.session_id)
         self._mirror = None
 
     async def __aenter__(self) -> Session:

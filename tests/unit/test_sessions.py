@@ -188,6 +188,20 @@ async def test_unknown_and_expired_sessions(session_pool: ip.Pool) -> None:
         await s.chat([user("ttl")], max_tokens=2)
 
 
+async def test_concurrent_closes_travel_together_and_each_takes_effect(session_pool: ip.Pool) -> None:
+    sessions = [session_pool.session() for _ in range(24)]
+    await asyncio.gather(*(s.chat([user(f"close {i}")], max_tokens=2) for i, s in enumerate(sessions)))
+    await asyncio.gather(*(s.close() for s in sessions), sessions[0].close())  # closing twice is fine
+    for s in sessions:
+        with pytest.raises(ip.SessionNotFoundError):
+            await session_pool.session(session_id=s.session_id, existing=True).state()
+    rows = await asyncio.gather(*(st.list_sessions.remote() for st in session_pool.session_stores()))
+    open_ids = {row["session_id"] for shard in rows for row in shard}
+    assert open_ids.isdisjoint(s.session_id for s in sessions)
+    store = session_pool.session_store(sessions[0].session_id)
+    assert await store.close_batch.remote([sessions[0].session_id, "never-made"]) == [False, False]
+
+
 async def test_requests_to_one_session_are_serialized(session_pool: ip.Pool) -> None:
     async with session_pool.session(track_tree=True) as s:
         outs = await asyncio.gather(*(s.chat([user(f"c{i}")], max_tokens=3, seed=i) for i in range(6)))
