@@ -96,17 +96,18 @@ def check_prompt(prompt_token_ids: Any, vocab: int, ctx: int, field: str = "prom
     shorter than the context ``ctx`` (room left to sample). Raises RequestError naming ``field``."""
     if not isinstance(prompt_token_ids, Sequence | np.ndarray) or isinstance(prompt_token_ids, str | bytes):
         raise RequestError(f"{field}: must be a list of token ids, got {type(prompt_token_ids).__name__}", field=field)
-    ids = list(prompt_token_ids)
-    if not ids:
+    size = len(prompt_token_ids)
+    if not size:
         raise RequestError(f"{field}: the prompt is empty", field=field)
-    if len(ids) >= ctx:
+    if size >= ctx:
         raise RequestError(
-            f"{field}: {len(ids)} tokens leave no room to generate within the model's context of {ctx} tokens",
+            f"{field}: {size} tokens leave no room to generate within the model's context of {ctx} tokens",
             field=field,
         )
-    arr = np.asarray(ids) if not isinstance(prompt_token_ids, np.ndarray) else prompt_token_ids
+    arr = prompt_token_ids if isinstance(prompt_token_ids, np.ndarray) else np.asarray(list(prompt_token_ids))
     if arr.ndim == 1 and arr.dtype.kind in "iu" and 0 <= arr.min() and arr.max() < vocab:
         return arr.tolist()  # the common case, checked in C (a prompt may be thousands of ids)
+    ids = list(prompt_token_ids)
     for pos, tok in enumerate(ids):  # find and name the bad one
         if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or not 0 <= int(tok) < vocab:
             raise RequestError(
