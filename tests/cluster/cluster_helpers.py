@@ -27,6 +27,7 @@ class LocalCluster:
     cluster: Any
     tmpdir: str
     workers: list[Any] = dataclasses.field(default_factory=list)
+    gpu_workers: list[Any] = dataclasses.field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -36,6 +37,7 @@ class LocalCluster:
         """A worker with one logical GPU (an engine's place)."""
         node = self.cluster.add_node(num_cpus=2, num_gpus=1, resources={"gpu_node": 1}, labels=dict(GPU_LABELS))
         self.workers.append(node)
+        self.gpu_workers.append(node)
         return node
 
     def add_cpu_worker(self, labels: dict[str, str]) -> Any:
@@ -48,6 +50,15 @@ class LocalCluster:
         """Kill every process of a worker node at once (its raylet, workers and actors), as a crash does."""
         self.cluster.remove_node(node, allow_graceful=False)
         self.workers.remove(node)
+        if node in self.gpu_workers:
+            self.gpu_workers.remove(node)
+
+    def top_up_gpu_workers(self, count: int) -> None:
+        """Add one-GPU workers until ``count`` are up (a test that lost one and failed before
+        adding it back leaves the next test the cluster it expects)."""
+        for _ in range(count - len(self.gpu_workers)):
+            self.add_gpu_worker()
+        self.cluster.wait_for_nodes()
 
     def node(self, node_id: str) -> Any:
         """The worker node object with this id."""
@@ -109,15 +120,22 @@ class Workload:
     done_turns: int = 0
     turn_log: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (ended at, seconds)
     loss_at: float = 0.0
-    until_loss: bool = False  # keep taking turns (bounded) until loss_at is set: the loss lands mid-run
+    until_loss: bool = False  # keep taking turns (bounded) until loss_felt: the loss lands mid-run
+    loss_felt: bool = False  # the pool has seen the loss (not only the node's processes killed)
     max_extra_turns: int = 60
+
+    def wants_turn(self, turn: int) -> bool:
+        """Turn ``turn`` (0-based) is taken: within ``turns``, or an extra one while the loss is unfelt."""
+        if turn < self.turns:
+            return True
+        return self.until_loss and not self.loss_felt and turn < self.turns + self.max_extra_turns
 
     async def session(self, i: int) -> tuple[ip.SessionState, list[Any]]:
         outs = []
         s = self.pool.session()
         msgs: list[dict[str, Any]] = [{"role": "user", "content": f"session {i}"}]
         turn = 0
-        while turn < self.turns or (self.until_loss and not self.loss_at and turn < self.turns + self.max_extra_turns):
+        while self.wants_turn(turn):
             t0 = time.monotonic()
             out = await s.chat(msgs, max_tokens=6, seed=i * 10 + turn)
             self.turn_log.append((time.monotonic(), time.monotonic() - t0))
