@@ -40,7 +40,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from inferpool.bench.common import ProcessCpu, Stopwatch, ensure_ray, finish_later, goal, ratio, result
+from inferpool.bench.common import Stopwatch, ensure_ray, finish_later, goal, ratio, result
+from inferpool.bench.process_cpu import ProcessCpu
 from inferpool.bench.raw_engine import RawEngine
 
 RATIO_GOAL = 0.98

@@ -43,7 +43,7 @@ def _measure(engines: int, policy: str, shards: int, seconds: float, in_flight: 
     """One point, run inside the cluster's driver: routers started, engines registered, drivers run."""
     import ray
 
-    from inferpool.bench.common import ProcessCpu
+    from inferpool.bench.process_cpu import ProcessCpu
     from inferpool.config import EngineConfig, PoolConfig, RouterConfig
     from inferpool.routing.router import RouterActor
     from inferpool.routing.shards import engine_shard

@@ -13,8 +13,11 @@ sides sample the same number of tokens), n=1, temperature 1.0.
 
 Reported per conversation length: generated tokens/s of both and their ratio, turn latency
 p50/p99, and the CPU seconds per turn of the session stores, the engine actor, the router
-and the driver (read from /proc for the processes of this run). The cost per turn must
-stay flat as conversations grow (3, 12, 30 turns). Goal: sessions >= 0.95 of raw.
+and the driver (read from /proc for the processes of this run), and how long the engine
+core waited for a core per turn on each side (its run-queue wait): on a machine with few
+cores the pool's own processes compete with the engine core, and this is what that costs
+it. The cost per turn must stay flat as conversations grow (3, 12, 30 turns). Goal:
+sessions >= 0.95 of raw.
 
 Run: python -m inferpool.bench.sessions_vs_raw [--quick]
 """
@@ -28,15 +31,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from inferpool.bench.common import ProcessCpu, finish_later, goal, percentile, ratio, result
 from inferpool.bench.common import ensure_ray as bench_ray
+from inferpool.bench.common import finish_later, goal, percentile, ratio, result
 from inferpool.bench.pool_vs_raw import engine_env, omp_threads
+from inferpool.bench.process_cpu import ProcessCpu
 from inferpool.bench.raw_engine import RawEngine
 
 RATIO_GOAL = 0.95
 ENGINE_KWARGS: dict[str, Any] = {"gpu_memory_utilization": 0.1, "max_model_len": 4096}
 USER_TURN = "Continue."
-PROCESSES = ("SessionStore", "EngineActor", "Router")  # plus EngineCore and Driver (bench.common.ProcessCpu)
+PROCESSES = ("SessionStore", "EngineActor", "Router")  # plus EngineCore and Driver (bench.process_cpu.ProcessCpu)
 
 # size -> (conversations, conversation lengths in turns, tokens per turn, repeats)
 SIZES: dict[str, tuple[int, tuple[int, ...], int, int]] = {
@@ -136,10 +140,12 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
         for turns in lengths:
             raw_rates, pool_rates, raw_lat, pool_lat = [], [], [], []
             cpu: dict[str, float] = {}
+            waits: dict[str, float] = {}  # run-queue wait of the engine core, by side
             for _ in range(repeats):
                 with ProcessCpu((), trees={"RawEngine": raw.pid}) as raw_meter:
                     out = raw.sessions(firsts, suffix, turns, sampling)
                 cpu["raw_RawEngine"] = cpu.get("raw_RawEngine", 0.0) + raw_meter.seconds["RawEngine"]
+                waits["raw"] = waits.get("raw", 0.0) + raw_meter.core_wait_seconds
                 raw_rates.append(out["tokens"] / out["seconds"])
                 raw_lat += out["latencies"]
                 with ProcessCpu(PROCESSES) as meter:
@@ -148,6 +154,7 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
                 pool_lat += got["latencies"]
                 for name, seconds in meter.seconds.items():
                     cpu[name] = cpu.get(name, 0.0) + seconds
+                waits["sessions"] = waits.get("sessions", 0.0) + meter.core_wait_seconds
             n_turns = conversations * turns * repeats
             key = f"@{turns}turns"
             figures[f"raw_tokens_per_s{key}"] = statistics.median(raw_rates)
@@ -158,6 +165,8 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
                 figures[f"{name}_turn_p99_s{key}"] = percentile(lat, 99)
             for name, seconds in cpu.items():
                 figures[f"cpu_ms_per_turn_{name}{key}"] = 1000.0 * seconds / n_turns
+            for side, seconds in waits.items():
+                figures[f"engine_core_runqueue_wait_ms_per_turn_{side}{key}"] = 1000.0 * seconds / n_turns
             samples[key] = [round(v, 1) for v in raw_rates + pool_rates]
     except BaseException:
         teardown()
@@ -179,6 +188,9 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
         "pool.session() + s.chat(messages) on the same engine config",
         "cpu_ms_per_turn_*: CPU of those processes of this run per session turn (Driver: the caller, which "
         "runs the turns; EngineCore: vLLM's engine core; raw_RawEngine: the raw engine's process and core)",
+        "engine_core_runqueue_wait_ms_per_turn_*: how long the engine core's threads were runnable but "
+        "waited for a core (/proc schedstat), per turn: where the pool's own processes compete with the "
+        "engine for the machine's cores, the raw and sessions figures part",
     ]
     return result("sessions_vs_raw", params, figures, goals, notes)
 

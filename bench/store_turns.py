@@ -22,7 +22,8 @@ import asyncio
 import time
 from typing import Any
 
-from inferpool.bench.common import ProcessCpu, ensure_ray, goal, ratio, result
+from inferpool.bench.common import ensure_ray, goal, ratio, result
+from inferpool.bench.process_cpu import ProcessCpu
 
 FLATNESS_GOAL = 0.8
 

@@ -334,7 +334,7 @@ def test_process_cpu_names_a_subprocess_tree_and_this_process() -> None:
 
     import psutil
 
-    from inferpool.bench.common import ProcessCpu
+    from inferpool.bench.process_cpu import ProcessCpu
 
     spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(60)"
     child = subprocess.Popen([sys.executable, "-c", spin])
@@ -350,3 +350,35 @@ def test_process_cpu_names_a_subprocess_tree_and_this_process() -> None:
     assert cpu.seconds["Driver"] > 0
     assert cpu.seconds["Nothing"] == 0
     assert cpu.seconds["Child"] > 0.15  # counted under its tree's name, not as ours or anyone else's
+
+
+def test_process_cpu_sees_run_queue_wait_when_more_processes_spin_than_there_are_cores() -> None:
+    import os
+    import select
+    import subprocess
+    import sys
+
+    from inferpool.bench.process_cpu import ProcessCpu, runqueue_wait_s
+
+    if not os.path.exists(f"/proc/{os.getpid()}/schedstat"):
+        pytest.skip("the kernel does not report schedstat")
+    spin = (
+        "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+        "print('done', flush=True)\ntime.sleep(60)"
+    )
+    count = (os.cpu_count() or 1) + 2
+    spinners = [subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True) for _ in range(count)]
+    try:
+        with ProcessCpu((), trees={f"S{i}": p.pid for i, p in enumerate(spinners)}) as cpu:
+            for p in spinners:  # each says when it spent its CPU (bounded wait for the line)
+                assert p.stdout is not None
+                ready, _, _ = select.select([p.stdout], [], [], 60)
+                assert ready and p.stdout.readline().strip() == "done"
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait(30)
+    # more runnable processes than cores: some of them waited for one
+    assert sum(cpu.wait_seconds[f"S{i}"] for i in range(count)) > 0
+    assert cpu.core_wait_seconds == 0  # no vLLM engine core among them
+    assert runqueue_wait_s(2**22 + 12345) == 0.0  # no such process: nothing to report
