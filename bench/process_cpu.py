@@ -33,6 +33,15 @@ def runqueue_wait_s(pid: int) -> float:
     return total / 1e9
 
 
+ENGINE_CORE_TITLE = "VLLM::EngineCore"
+"""How a vLLM engine core's process names itself (its command line starts with it)."""
+
+
+def is_engine_core(title: str) -> bool:
+    """Whether a process with this command line is a vLLM engine core."""
+    return title.startswith(ENGINE_CORE_TITLE)
+
+
 class ProcessCpu:
     """CPU seconds used during a block by processes of this run, by what they are: Ray actors
     by class (``ray::SessionStore...`` -> ``SessionStore``) for the names given, vLLM engine
@@ -42,7 +51,8 @@ class ProcessCpu:
     meanwhile are not counted. Needs psutil (a dependency of Ray).
 
     ``wait_seconds`` has the run-queue wait of the same roles; ``core_wait_seconds`` that of
-    every vLLM engine core, inside a tree or not (a raw engine's core is one)."""
+    every vLLM engine core on the machine, inside a tree or not (a raw engine's core is one),
+and ``core_pids`` the engine cores it counted."""
 
     def __init__(self, names: Sequence[str], trees: dict[str, int] | None = None) -> None:
         self.names = tuple(names)
@@ -50,6 +60,7 @@ class ProcessCpu:
         self.seconds: dict[str, float] = {}
         self.wait_seconds: dict[str, float] = {}
         self.core_wait_seconds = 0.0
+        self.core_pids: set[int] = set()
         self._start: dict[int, tuple[str, float, float, bool]] = {}
 
     def _name(self, pid: int, title: str, parents: dict[int, int]) -> str:
@@ -61,7 +72,7 @@ class ProcessCpu:
             node, hops = parents.get(node, 0), hops + 1
         if pid == os.getpid():
             return "Driver"
-        if title.startswith("VLLM::EngineCore"):
+        if is_engine_core(title):
             return "EngineCore"
         return next((n for n in self.names if title.startswith(f"ray::{n}")), "")
 
@@ -79,7 +90,7 @@ class ProcessCpu:
             title = " ".join(proc.info["cmdline"] or ())
             name = self._name(proc.pid, title, parents)
             if name:
-                core = title.startswith("VLLM::EngineCore")
+                core = is_engine_core(title)
                 out[proc.pid] = (name, times.user + times.system, runqueue_wait_s(proc.pid), core)
         return out
 
@@ -93,9 +104,11 @@ class ProcessCpu:
         self.seconds = {n: 0.0 for n in roles}
         self.wait_seconds = {n: 0.0 for n in roles}
         self.core_wait_seconds = 0.0
+        self.core_pids = set()
         for pid, (name, seconds, wait, core) in end.items():
             _, cpu_before, wait_before, _ = self._start.get(pid, (name, 0.0, 0.0, core))
             self.seconds[name] += seconds - cpu_before
             self.wait_seconds[name] += wait - wait_before
             if core:
                 self.core_wait_seconds += wait - wait_before
+                self.core_pids.add(pid)
