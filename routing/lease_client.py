@@ -58,6 +58,11 @@ class Held:
         return self.leases[0].engine_id
 
 
+def _confirmed_ok(done: asyncio.Future[Any]) -> bool:
+    """Whether a give-back's confirmation already came back, and without an error."""
+    return done.done() and not done.cancelled() and done.exception() is None
+
+
 class LeaseClient:
     """Leases of one process from a pool's router shards."""
 
@@ -135,11 +140,16 @@ class LeaseClient:
             raise
         finally:
             _DEFERRED_CONFIRMS.reset(token)
-            if not cancelled and pending:
-                await asyncio.gather(*(self._confirmed(shard, done) for shard, done in pending))
+            waits = [] if cancelled else [(shard, done) for shard, done in pending if not _confirmed_ok(done)]
+            if len(waits) == 1:  # the usual turn: one give-back, not confirmed yet (no task for it)
+                await self._confirmed(*waits[0])
+            elif waits:
+                await asyncio.gather(*(self._confirmed(shard, done) for shard, done in waits))
 
     async def _confirmed(self, shard: int, done: asyncio.Future[Any]) -> None:
         """Wait (bounded) until router ``shard`` confirmed a give-back; warn if it does not."""
+        if _confirmed_ok(done):
+            return
         try:
             await bounded(asyncio.shield(done), _RELEASE_CONFIRM_S)
         except asyncio.CancelledError:
