@@ -52,7 +52,7 @@ class ProcessCpu:
 
     ``wait_seconds`` has the run-queue wait of the same roles; ``core_wait_seconds`` that of
     every vLLM engine core on the machine, inside a tree or not (a raw engine's core is one),
-and ``core_pids`` the engine cores it counted."""
+    and ``core_pids`` the engine cores it counted."""
 
     def __init__(self, names: Sequence[str], trees: dict[str, int] | None = None) -> None:
         self.names = tuple(names)

@@ -145,6 +145,42 @@ async def test_give_backs_deferred_to_the_end_of_a_block_are_confirmed_there(tig
             assert await router_in_flight(tight_pool) == 0
 
 
+async def test_a_deferred_give_back_is_waited_for_only_until_confirmed_and_a_failed_one_is_reported(
+    tight_pool: ip.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At the end of a ``confirm_releases_at_end`` block, give-backs the router already
+    confirmed are not waited for again; one whose confirmation failed is still reported."""
+    from inferpool.routing.lease_client import _DEFERRED_CONFIRMS
+
+    loop = asyncio.get_running_loop()
+    confirmed, failed, later = loop.create_future(), loop.create_future(), loop.create_future()
+    confirmed.set_result(None)
+    failed.set_exception(RuntimeError("router shard lost"))
+    dispatcher = tight_pool.dispatcher
+    # DEBUG too: the warning is throttled per shard, and an earlier test may have warned for shard 0
+    with caplog.at_level("DEBUG", logger="inferpool.routing.lease_client"):
+        async with dispatcher.confirm_releases_at_end():
+            pending = _DEFERRED_CONFIRMS.get()
+            assert pending is not None
+            pending += [(0, confirmed), (0, failed)]
+        assert "router shard lost" in caplog.text  # the failed one is reported, not skipped
+        block = asyncio.ensure_future(_end_with(dispatcher, later))
+        for _ in range(20):  # loop turns enough for a block with nothing to wait for to end
+            await asyncio.sleep(0)
+        assert not block.done()  # an unconfirmed give-back is waited for
+        later.set_result(None)
+        await asyncio.wait_for(block, 10)
+
+
+async def _end_with(dispatcher: Any, done: asyncio.Future[Any]) -> None:
+    from inferpool.routing.lease_client import _DEFERRED_CONFIRMS
+
+    async with dispatcher.confirm_releases_at_end():
+        pending = _DEFERRED_CONFIRMS.get()
+        assert pending is not None
+        pending.append((0, done))
+
+
 async def test_thousands_of_random_cancellations_leave_the_pool_idle_and_serving(tight_pool: ip.Pool) -> None:
     """Generate, generate_batch and session chat calls, cancelled at random moments (before,
     during and after the router call, in the batcher, on the engine): afterwards the router
