@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import ray
 
-from inferpool.actors.backends.base import PauseMode
 from inferpool.actors.fleet import Fleet, find_router, find_routers
 from inferpool.chat import ChatRenderer, load_renderer, validate_messages
-from inferpool.config import PoolConfig, WeightTransferMethod
+from inferpool.config import PoolConfig
 from inferpool.errors import ConfigError, RequestError, SessionError
 from inferpool.hub import check_model_source
+from inferpool.lifecycle import EngineLifecycle
 from inferpool.log import setup_logging
 from inferpool.openai_types import ChatCompletion, Completion
 from inferpool.ray_utils import CONTROL_TIMEOUT_S, await_ref, ensure_ray, get_ref
@@ -60,8 +60,10 @@ def _split(split: str) -> Split:
     return split  # type: ignore[return-value]
 
 
-class Pool:
-    """A pool of engine actors behind one router. Create with :meth:`start` or :meth:`connect`."""
+class Pool(EngineLifecycle):
+    """A pool of engine actors behind one router. Create with :meth:`start` or :meth:`connect`.
+
+    Weight updates, pause/resume and sleep/wake: :class:`~inferpool.lifecycle.EngineLifecycle`."""
 
     def __init__(
         self,
@@ -346,49 +348,6 @@ class Pool:
             "abort_session", lambda h: h.abort_session.remote(session_id), CONTROL_TIMEOUT_S
         )
         return sum(found.values())
-
-    # -- RL lifecycle -------------------------------------------------------------------
-    async def update_weights(
-        self,
-        weights: Any,
-        version: int | str | None = None,
-        *,
-        chunk_bytes: int = 256 << 20,
-        pause_mode: PauseMode | None = "keep",
-        timeout_s: float = 1800.0,
-        method: WeightTransferMethod | None = None,
-    ) -> dict[str, Any]:
-        """Push new weights to every engine, by ``method`` (None: ``PoolConfig.weight_transfer.method``;
-        ``"object_store"`` works on any pool, a native method only on a pool configured with it).
-
-        ``weights``: a state dict, an iterable of ``(name, tensor)``, or an ObjectRef to
-        either. Generation pauses with ``pause_mode`` during the load, so every sampled
-        token's weight version is exact; the prefix cache is reset. See
-        :mod:`inferpool.weights.push`. Returns bytes, seconds and per-engine reports.
-        """
-        return await self._weights.push(
-            weights, version, chunk_bytes=chunk_bytes, pause_mode=pause_mode, timeout_s=timeout_s, method=method
-        )
-
-    async def pause(self, mode: PauseMode = "keep") -> None:
-        """Pause every engine: ``abort`` in-flight requests (finish 'abort'), ``wait`` for them
-        to drain, or ``keep`` them frozen until resume. New requests wait meanwhile."""
-        if mode not in ("abort", "wait", "keep"):
-            raise RequestError(f"mode: must be abort, wait or keep, got {mode!r}", field="mode")
-        await self.fleet.broadcast("pause", lambda h: h.pause.remote(mode), self.dispatcher.engines.max_timeout())
-
-    async def resume(self) -> None:
-        await self.fleet.broadcast("resume", lambda h: h.resume.remote(), CONTROL_TIMEOUT_S)
-
-    async def sleep(self, level: int = 1) -> None:
-        """Release accelerator memory (weights and KV cache at level 2; KV cache at level 1)."""
-        await self.fleet.broadcast("sleep", lambda h: h.sleep.remote(level), CONTROL_TIMEOUT_S * 5)
-
-    async def wake(self, tags: list[str] | None = None) -> None:
-        await self.fleet.broadcast("wake", lambda h: h.wake.remote(tags), CONTROL_TIMEOUT_S * 5)
-
-    async def reset_prefix_cache(self) -> None:
-        await self.fleet.broadcast("reset_prefix_cache", lambda h: h.reset_prefix_cache.remote(), CONTROL_TIMEOUT_S)
 
     # -- operations ---------------------------------------------------------------------
     @property

@@ -28,14 +28,16 @@ from inferpool.routing.health import EngineEntry, HealthChecks
 from inferpool.routing.leases import Lease, LeaseAsk, LeaseBook, LeaseReturn
 from inferpool.routing.policy import EngineSlot, Policy, RouteRequest, make_policy, policy_options
 from inferpool.routing.stats import RequestTimings
+from inferpool.routing.weight_ledger import WeightLedger
 from inferpool.types import EngineInfo, Split
 
 logger = logging.getLogger(__name__)
 
 
-class Router(HealthChecks):
+class Router(HealthChecks, WeightLedger):
     """Engine registry + selection policy + leases (health checks:
-    :class:`~inferpool.routing.health.HealthChecks`)."""
+    :class:`~inferpool.routing.health.HealthChecks`; weight versions:
+    :class:`~inferpool.routing.weight_ledger.WeightLedger`)."""
 
     def __init__(self, config: RouterConfig, pool_config: PoolConfig | None = None, shard: int = 0) -> None:
         setup_logging()
@@ -57,8 +59,7 @@ class Router(HealthChecks):
         self._health_task: asyncio.Task[None] | None = None
         self._loading: set[asyncio.Task[None]] = set()
         self._stores: list[Any] = []
-        self._versions: dict[str, int] = {"0": 0}  # weight version label -> update index
-        self._latest_weights: tuple[list[Any], int | str] | None = None  # object-store chunks of the last update
+        self._init_ledger()
         self.decisions = 0
 
     # -- registry ---------------------------------------------------------------------
@@ -124,33 +125,6 @@ class Router(HealthChecks):
     async def stores(self) -> list[Any]:
         await self._ensure_started()
         return self._stores
-
-    def record_version(self, version: int | str | None) -> int | str:
-        """Register a weight update; returns its label (its index when ``version`` is None)."""
-        index = len(self._versions)
-        label = index if version is None else version
-        self._versions[str(label)] = index
-        return label
-
-    def set_latest_weights(self, chunks: list[Any], version: int | str, index: int | None = None) -> None:
-        """Keep the last object-store update (its chunk refs) so engines that start or restart
-        later load it before they serve (a native update leaves None: those engines join the group
-        at the next update). ``index``: the update's place in the primary's ledger (other shards
-        learn it here)."""
-        self._latest_weights = (list(chunks), version) if chunks else None
-        if index is not None:
-            self._versions[str(version)] = index
-
-    def latest_weights(self) -> tuple[list[Any], int | str] | None:
-        return self._latest_weights
-
-    def version_index(self, version: int | str) -> int | None:
-        """The update index of a recorded version label (0: the checkpoint)."""
-        return self._versions.get(str(version))
-
-    def versions(self) -> dict[str, int]:
-        """Weight version label -> update index, for staleness bounds."""
-        return dict(self._versions)
 
     def _slots(self) -> list[EngineSlot]:
         """Every engine's slot (kept while the registry does not change)."""

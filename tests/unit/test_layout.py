@@ -40,7 +40,7 @@ FLOOR = {
     "reasoning_config",
 }
 SESSION_MODULES = {"chat", "replies", "message_index", "session_tree", "session_sync", "staleness", "turns"}
-FACADE = {"pool", "session", "stats", "rollout", "weights.push", "__init__"}
+FACADE = {"pool", "lifecycle", "session", "stats", "rollout", "weights.push", "__init__"}
 
 
 def layer(module: str) -> int:
