@@ -20,6 +20,7 @@ from inferpool.config import PoolConfig, RouterConfig
 from inferpool.ray_utils import bounded
 from inferpool.routing.policy import EngineSlot
 from inferpool.routing.shards import engine_shard
+from inferpool.routing.weight_ledger import WeightLedger
 from inferpool.types import EngineInfo
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,9 @@ def _as_future(ref: Any) -> Any:
     return ref
 
 
-class HealthChecks:
-    """Health probing of a router's engines (expects the router's registry attributes)."""
+class HealthChecks(WeightLedger):
+    """Health probing of a router's engines (expects the router's registry attributes); an engine
+    that (re)starts loads the ledger's latest weights."""
 
     config: RouterConfig
     pool_config: PoolConfig | None
@@ -56,8 +58,6 @@ class HealthChecks:
     _stores: list[Any]
     _health_task: asyncio.Task[None] | None
     _loading: set[asyncio.Task[None]]  # engines found unstarted after a router restart, loading
-    _latest_weights: tuple[list[Any], int | str] | None
-    _versions: dict[str, int]
     shard: int
 
     async def _notify(self) -> None:
@@ -164,9 +164,10 @@ class HealthChecks:
     async def _load(self, handle: Any) -> EngineInfo:
         """Start an engine's backend (a restarted actor has none) with the latest weights."""
         info: EngineInfo = await bounded(_as_future(handle.start.remote()), self.config.health_timeout_s * 30)
-        if self._latest_weights is not None:  # serve the current weights, not the checkpoint's
-            chunks, version = self._latest_weights
-            index = self._versions.get(str(version))
+        latest = self.latest_weights()
+        if latest is not None:  # serve the current weights, not the checkpoint's
+            chunks, version = latest
+            index = self.version_index(version)
             await bounded(
                 _as_future(handle.update_weights.remote(chunks, version, None, index)),
                 self.config.health_timeout_s * 30,
