@@ -47,6 +47,9 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
         raise RequestError("messages: the list is empty", field="messages")
     out = []
     for i, msg in enumerate(messages):
+        if type(msg) is dict and type(msg.get("content")) is str and msg.get("role") in ROLES:
+            out.append(dict(msg))  # the common case, checked without the general path's tests
+            continue
         if hasattr(msg, "model_dump"):
             msg = msg.model_dump(exclude_none=True)
         if not isinstance(msg, Mapping):

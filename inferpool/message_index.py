@@ -25,7 +25,8 @@ def _calls(msg: dict[str, Any]) -> list[dict[str, Any]]:
 
 def coarse_key(msg: dict[str, Any]) -> tuple[Any, ...]:
     """What must be identical for two messages to match (the trie's key)."""
-    names = tuple(str((c.get("function") or {}).get("name")) for c in _calls(msg))
+    calls = msg.get("tool_calls")
+    names = tuple(str((c.get("function") or {}).get("name")) for c in calls) if calls else ()
     return (msg.get("role"), msg.get("content") or "", msg.get("tool_call_id"), msg.get("name"), names)
 
 
@@ -47,6 +48,8 @@ def fine_match(request: dict[str, Any], stored: dict[str, Any]) -> int | None:
     reasoning = request.get("reasoning_content")
     if reasoning is not None and reasoning != stored.get("reasoning_content"):
         return None
+    if not request.get("tool_calls"):  # the same coarse key: no named calls on either side
+        return 0
     loose = 0
     for req_call, st_call in zip(_calls(request), _calls(stored), strict=True):
         if req_call.get("id") is not None and st_call.get("id") is not None and req_call["id"] != st_call["id"]:
@@ -66,13 +69,19 @@ def matches(request: dict[str, Any], stored: dict[str, Any]) -> bool:
 
 
 class Position(Generic[T]):
-    """A point in the trie: the recorded messages that follow it, and what ends here."""
+    """A point in the trie: the recorded messages that follow it, and what ends here.
 
-    __slots__ = ("children", "ends")
+    ``sole`` is the only recorded message that follows (None: none, or several). A request
+    message equal to it matches exactly (no loose comparison) and nothing else could match,
+    so a walk along one conversation compares each message once, as a dict, instead of
+    building its coarse key and comparing field by field."""
+
+    __slots__ = ("children", "ends", "sole")
 
     def __init__(self) -> None:
         self.children: dict[tuple[Any, ...], list[tuple[dict[str, Any], Position[T]]]] = {}
         self.ends: list[T] = []
+        self.sole: tuple[dict[str, Any], Position[T]] | None = None
 
 
 class MessageIndex(Generic[T]):
@@ -93,6 +102,8 @@ class MessageIndex(Generic[T]):
             else:
                 child = Position()
                 entries.append((msg, child))
+                first = len(pos.children) == 1 and len(entries) == 1
+                pos.sole = (msg, child) if first else None
                 pos = child
         if item not in pos.ends:
             pos.ends.append(item)
@@ -105,9 +116,21 @@ class MessageIndex(Generic[T]):
         best: list[tuple[T, int]] = []
         best_depth = 0
         for depth, msg in enumerate(messages, start=1):
-            key = coarse_key(msg)
+            if len(frontier) == 1:  # the common case: one way on, taken exactly
+                pos, loose = frontier[0]
+                if pos.sole is not None and pos.sole[0] == msg:
+                    child = pos.sole[1]
+                    frontier = [(child, loose)]
+                    if child.ends:
+                        best, best_depth = [(item, loose) for item in child.ends], depth
+                    continue
+            key: tuple[Any, ...] | None = None
             nxt: list[tuple[Position[T], int]] = []
             for pos, loose in frontier:
+                if pos.sole is not None and pos.sole[0] == msg:
+                    nxt.append((pos.sole[1], loose))
+                    continue
+                key = coarse_key(msg) if key is None else key
                 for stored, child in pos.children.get(key, ()):
                     extra = fine_match(msg, stored)
                     if extra is not None:
