@@ -36,8 +36,12 @@ _FILLER = {"role": "user", "content": "."}
 _MARKERS = random.Random(int.from_bytes(os.urandom(16), "big"))  # unpredictable to message text
 
 
-def validate_messages(messages: Any) -> list[dict[str, Any]]:
-    """Check ``messages`` is a non-empty list of role/content dicts; returns plain dict copies."""
+def validate_messages(messages: Any, known: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Check ``messages`` is a non-empty list of role/content dicts; returns plain dict copies.
+
+    ``known``: checked copies equal to the first messages (a session's recorded ones, see
+    :meth:`~inferpool.session_tree.SessionTree.recorded_prefix`); they stand for them, and
+    only the messages after them are checked and copied."""
     if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
         raise RequestError(
             f"messages: must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}",
@@ -45,8 +49,8 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
         )
     if not messages:
         raise RequestError("messages: the list is empty", field="messages")
-    out = []
-    for i, msg in enumerate(messages):
+    out = list(known)
+    for i, msg in enumerate(messages[len(out) :], start=len(out)):
         if type(msg) is dict and type(msg.get("content")) is str and msg.get("role") in ROLES:
             out.append(dict(msg))  # the common case, checked without the general path's tests
             continue

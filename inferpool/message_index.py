@@ -12,6 +12,7 @@ carries it, and tool-call arguments (the exact string, or, *loosely*, the same J
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
@@ -84,6 +85,18 @@ class Position(Generic[T]):
         self.sole: tuple[dict[str, Any], Position[T]] | None = None
 
 
+@dataclasses.dataclass(slots=True)
+class ExactWalk(Generic[T]):
+    """What :meth:`MessageIndex.exact_walk` found: the recorded messages equal to a request's
+    first ones; the point they reach while each step had one way on (else None), and the
+    items that end deepest on the way, at which depth."""
+
+    messages: list[dict[str, Any]]
+    position: Position[T] | None
+    best: list[tuple[T, int]]
+    depth: int
+
+
 class MessageIndex(Generic[T]):
     """Recorded message paths, each ending at some items (segments)."""
 
@@ -109,16 +122,54 @@ class MessageIndex(Generic[T]):
             pos.ends.append(item)
         return pos
 
-    def match(self, messages: Sequence[dict[str, Any]]) -> tuple[list[tuple[T, int]], int]:
+    def exact_walk(self, messages: Sequence[Any]) -> ExactWalk[T]:
+        """Follow ``messages`` while each equals (as a dict) a recorded message after the last:
+        the checked copies a request's unchanged history stands for, and, while every step had
+        one way on, where :meth:`match` goes on from."""
+        walk: ExactWalk[T] = ExactWalk([], self.root, [], 0)
+        pos = self.root
+        for msg in messages:
+            if type(msg) is not dict:
+                break
+            if pos.sole is not None:
+                stored, child = pos.sole
+                if stored != msg:
+                    break
+            else:
+                walk.position = None  # several ways on: match walks from the root
+                try:  # a bucket holds each distinct message once: at most one is equal
+                    entries = pos.children.get(coarse_key(msg), ())
+                except TypeError:  # an unhashable field: not a recorded message
+                    break
+                found = next(((st, ch) for st, ch in entries if st == msg), None)
+                if found is None:
+                    break
+                stored, child = found
+            walk.messages.append(stored)
+            pos = child
+            if walk.position is not None:
+                walk.position = child
+                if child.ends:
+                    walk.best, walk.depth = [(item, 0) for item in child.ends], len(walk.messages)
+        return walk
+
+    def match(
+        self, messages: Sequence[dict[str, Any]], walk: ExactWalk[T] | None = None
+    ) -> tuple[list[tuple[T, int]], int]:
         """The items at the deepest recorded point the messages reach, each with how many
-        loose comparisons led there, and that depth (in messages)."""
+        loose comparisons led there, and that depth (in messages). ``walk``: this index's
+        :meth:`exact_walk` of messages whose first ones ``messages`` holds as they were
+        returned (the recorded copies), taken up where it stands."""
         frontier: list[tuple[Position[T], int]] = [(self.root, 0)]
         best: list[tuple[T, int]] = []
-        best_depth = 0
-        for depth, msg in enumerate(messages, start=1):
+        best_depth = skip = 0
+        if walk is not None and walk.position is not None:
+            frontier, best, best_depth, skip = [(walk.position, 0)], walk.best, walk.depth, len(walk.messages)
+        for depth in range(skip + 1, len(messages) + 1):
+            msg = messages[depth - 1]
             if len(frontier) == 1:  # the common case: one way on, taken exactly
                 pos, loose = frontier[0]
-                if pos.sole is not None and pos.sole[0] == msg:
+                if pos.sole is not None and (pos.sole[0] is msg or pos.sole[0] == msg):
                     child = pos.sole[1]
                     frontier = [(child, loose)]
                     if child.ends:
@@ -127,7 +178,7 @@ class MessageIndex(Generic[T]):
             key: tuple[Any, ...] | None = None
             nxt: list[tuple[Position[T], int]] = []
             for pos, loose in frontier:
-                if pos.sole is not None and pos.sole[0] == msg:
+                if pos.sole is not None and (pos.sole[0] is msg or pos.sole[0] == msg):
                     nxt.append((pos.sole[1], loose))
                     continue
                 key = coarse_key(msg) if key is None else key

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from inferpool.errors import RequestError
-from inferpool.message_index import MessageIndex, Position, TextIndex, matches
+from inferpool.message_index import ExactWalk, MessageIndex, Position, TextIndex, matches
 from inferpool.sequences import PROMPT_LOGPROB, SequenceNode, SessionState
 
 _node_ids = itertools.count(1)
@@ -188,7 +188,13 @@ class SessionTree:
         return [m for s in seg.chain() for m in (s.messages or ())]
 
     # -- matching -----------------------------------------------------------------------
-    def match_chat(self, messages: Sequence[dict[str, Any]], extends: str | None = None) -> Match:
+    def exact_walk(self, messages: Sequence[Any]) -> ExactWalk[Segment]:
+        """The recorded (checked) messages equal to the first of ``messages``, for match_chat."""
+        return self._messages.exact_walk(messages)
+
+    def match_chat(
+        self, messages: Sequence[dict[str, Any]], extends: str | None = None, walk: ExactWalk[Segment] | None = None
+    ) -> Match:
         """The recorded sequence ``messages`` continue (see the module docstring)."""
         if extends is not None:
             seg = self.get(extends)
@@ -198,7 +204,7 @@ class SessionTree:
             if not all(matches(r, s) for r, s in zip(messages, path, strict=False)):
                 raise self._not_continued(extends)
             return Match(seg, len(path))
-        best, depth = self._messages.match(messages)
+        best, depth = self._messages.match(messages, walk)
         if not best:
             return Match()
         # the closest match first (fewest loose comparisons, then the earliest recorded); every

@@ -117,13 +117,15 @@ async def chat_turn(
     stale: Stale | None = None,
 ) -> Turn:
     """Run one chat turn; with ``tree`` the prompt extends the sequence the messages continue."""
-    msgs = validate_messages(ask.messages)
+    # the unchanged history stands as recorded (checked once); only the new messages are checked
+    walk = tree.exact_walk(ask.messages) if tree is not None and isinstance(ask.messages, list) else None
+    msgs = validate_messages(ask.messages, walk.messages if walk is not None else ())
     sp = sampling_from(ask.n, ask.sampling or {})
     tools, tool_choice, continue_final = ask.tools, ask.tool_choice, ask.continue_final
     kwargs = template_kwargs_for(ask.reasoning, ask.chat_template_kwargs)
     key = render_key(tools, kwargs)
     # render: stored tokens + only the new suffix when a stored sequence is extended
-    match = tree.match_chat(msgs, ask.extends) if tree is not None else Match()
+    match = tree.match_chat(msgs, ask.extends, walk) if tree is not None else Match()
     parent, flags = _parent(match, key, stale)
     continuing = parent is not None and match.stored == len(msgs) and continue_final
     suffix_text, suffix_ids = "", list[int]()

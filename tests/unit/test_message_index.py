@@ -1,7 +1,9 @@
 """The chat message index finds exactly what a field-by-field comparison of every recorded
 conversation finds: the deepest recorded conversations the request's messages continue,
 each with its count of loose (JSON-only) tool-argument matches — also where the walk takes
-its shortcut (a message equal to the only recorded one that follows).
+its shortcut (a message equal to the only recorded one that follows), and when a turn
+takes up the exact walk over its unchanged history (those messages stand as recorded and
+are not checked or copied again).
 
 Run: pytest tests/unit/test_message_index.py
 """
@@ -14,6 +16,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from inferpool.chat import validate_messages
 from inferpool.message_index import MessageIndex, coarse_key, fine_match
 
 
@@ -98,8 +101,16 @@ def test_match_finds_what_comparing_every_recorded_conversation_finds(
                 {**last["tool_calls"][0], "function": {"name": "f", "arguments": json.dumps(args, indent=2)}}
             ]
         request = echoed + request
+    want = _reference(list(zip(recorded, range(len(recorded)), strict=True)), request)
     best, depth = index.match(request)
-    assert (sorted(best), depth) == _reference(list(zip(recorded, range(len(recorded)), strict=True)), request)
+    assert (sorted(best), depth) == want
+    # a turn's way: the unchanged history stands as recorded, the walk taken up where it stands
+    walk = index.exact_walk(request)
+    msgs = validate_messages(request, walk.messages)
+    assert msgs == validate_messages(request)
+    assert all(m is r for m, r in zip(msgs, walk.messages, strict=False))
+    best, depth = index.match(msgs, walk)
+    assert (sorted(best), depth) == want
 
 
 def test_a_message_that_differs_only_loosely_takes_the_general_path() -> None:
