@@ -15,6 +15,10 @@ outbox nobody collected from for ``idle_s`` belongs to a caller that is gone: it
 are cancelled and it is dropped. Each outbox has an id of its own (the engine instance
 plus a key), so a caller that was only stalled sees a new id on its next call and knows
 its earlier requests are gone.
+
+A result leaves without its prompt ids (an empty list) when they are the ones its request
+brought: the caller holds them, and a long conversation's prompt would otherwise travel
+back on every turn.
 """
 
 from __future__ import annotations
@@ -74,19 +78,22 @@ class Mailboxes:
                 continue
             task = asyncio.ensure_future(self._serve(request))
             box.tasks[rid] = task
-            task.add_done_callback(lambda t, rid=rid, box=box: self._finished(box, rid, t))  # type: ignore[misc]
+            task.add_done_callback(lambda t, r=request, box=box: self._finished(box, r, t))  # type: ignore[misc]
         return self._id(box)
 
     def _id(self, box: Outbox) -> str:
         return f"{self.instance}/{box.key}"
 
-    def _finished(self, box: Outbox, rid: str, task: asyncio.Task[Outcome]) -> None:
+    def _finished(self, box: Outbox, request: GenerateRequest, task: asyncio.Task[Outcome]) -> None:
+        rid = request.request_id
         if box.tasks.pop(rid, None) is None or task.cancelled():  # cancelled: its caller gave up
             return
         exc = task.exception()
         outcome: Outcome
         if exc is None:
             outcome = task.result()
+            if isinstance(outcome, GenerateResult) and outcome.prompt_token_ids == request.prompt_token_ids:
+                outcome = dataclasses.replace(outcome, prompt_token_ids=[])  # the caller has them
         elif isinstance(exc, InferpoolError):
             outcome = exc
         else:

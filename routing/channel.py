@@ -14,6 +14,9 @@ from a new outbox (Ray restarted the engine actor, or the engine dropped this ca
 outbox after it stalled past ``idle_s``) fails the requests the old one had taken. All
 of them fail with :class:`~inferpool.errors.EngineDeadError`, which the dispatcher
 retries on another engine.
+
+A result comes back without its prompt ids when they are the ones sent: its waiter holds
+them and puts them back.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ _COLLECT_SLACK_S = 30.0  # on top of that, how long the caller waits for the col
 @dataclasses.dataclass
 class _Waiting:
     future: asyncio.Future[GenerateResult]
+    prompt: list[int]  # the request's prompt ids (a result that leaves them out is given these)
     outbox: str | None = None  # the id of the engine outbox that took the request (None: not yet known)
     delivered: bool = False  # the engine answered it (else a waiter that leaves cancels it there)
 
@@ -63,7 +67,7 @@ class EngineChannel:
         """Serve ``request`` on this engine; on cancellation or timeout the engine aborts it."""
         rid = request.request_id
         loop = asyncio.get_running_loop()
-        waiting = _Waiting(loop.create_future())
+        waiting = _Waiting(loop.create_future(), request.prompt_token_ids)
         self._waiting[rid] = waiting
         self._outgoing[rid] = request
         self._schedule()
@@ -137,6 +141,8 @@ class EngineChannel:
                 if isinstance(outcome, BaseException):
                     waiting.future.set_exception(outcome)
                 else:
+                    if not outcome.prompt_token_ids:  # the engine received what it was sent
+                        outcome.prompt_token_ids = waiting.prompt
                     waiting.future.set_result(outcome)
             lost = [rid for rid, w in self._waiting.items() if w.outbox is not None and w.outbox != outbox]
             if lost:  # what the old outbox held is gone

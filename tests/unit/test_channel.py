@@ -271,3 +271,29 @@ async def test_a_caller_stalled_past_idle_s_learns_its_requests_are_gone() -> No
     with pytest.raises(EngineDeadError, match="dropped") as err:
         await waiter
     assert err.value.retryable
+
+
+async def test_a_result_travels_back_without_the_prompt_it_was_sent() -> None:
+    """The engine leaves out prompt ids equal to the request's and the waiter puts them back;
+    prompt ids the engine reports otherwise (a backend that changed them) come back as they are."""
+    changed = {"r1": [9, 1, 2, 3]}
+
+    async def serve(req: GenerateRequest) -> GenerateResult:
+        out = result_for(req)
+        out.prompt_token_ids = changed.get(req.request_id, out.prompt_token_ids)
+        return out
+
+    engine = FakeEngine(serve)
+    collected: list[Any] = []
+    collect = engine.mail.collect
+
+    async def spy(caller: str, wait_s: float) -> Any:
+        out = await collect(caller, wait_s)
+        collected.extend((rid, list(o.prompt_token_ids)) for rid, o in out[1])  # as it leaves (no pickling here)
+        return out
+
+    engine.mail.collect = spy  # type: ignore[method-assign]
+    channel = EngineChannel("e0", engine)
+    outs = await asyncio.gather(*(channel.generate(request(i), 5.0) for i in range(2)))
+    assert [o.prompt_token_ids for o in outs] == [[1, 2, 3], [9, 1, 2, 3]]
+    assert dict(collected) == {"r0": [], "r1": [9, 1, 2, 3]}
