@@ -40,7 +40,7 @@ def validate_messages(messages: Any, known: Sequence[dict[str, Any]] = ()) -> li
     """Check ``messages`` is a non-empty list of role/content dicts; returns plain dict copies.
 
     ``known``: checked copies equal to the first messages (a session's recorded ones, see
-    :meth:`~inferpool.session_tree.SessionTree.recorded_prefix`); they stand for them, and
+    :meth:`~inferpool.session_tree.SessionTree.exact_walk`); they stand for them, and
     only the messages after them are checked and copied."""
     if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
         raise RequestError(
