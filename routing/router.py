@@ -28,16 +28,15 @@ from inferpool.routing.health import EngineEntry, HealthChecks
 from inferpool.routing.leases import Lease, LeaseAsk, LeaseBook, LeaseReturn
 from inferpool.routing.policy import EngineSlot, Policy, RouteRequest, make_policy, policy_options
 from inferpool.routing.stats import RequestTimings
-from inferpool.routing.weight_ledger import WeightLedger
 from inferpool.types import EngineInfo, Split
 
 logger = logging.getLogger(__name__)
 
 
-class Router(HealthChecks, WeightLedger):
+class Router(HealthChecks):
     """Engine registry + selection policy + leases (health checks:
-    :class:`~inferpool.routing.health.HealthChecks`; weight versions:
-    :class:`~inferpool.routing.weight_ledger.WeightLedger`)."""
+    :class:`~inferpool.routing.health.HealthChecks`, itself a
+    :class:`~inferpool.routing.weight_ledger.WeightLedger` of weight versions)."""
 
     def __init__(self, config: RouterConfig, pool_config: PoolConfig | None = None, shard: int = 0) -> None:
         setup_logging()

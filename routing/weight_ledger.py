@@ -2,7 +2,8 @@
 bounds, ``sampled_versions``), and the object-store chunks of the last update, which engines
 that start or restart later load before they serve.
 
-:class:`WeightLedger` is mixed into :class:`~inferpool.routing.router.Router`; the primary
+:class:`WeightLedger` is a base of the router's health checks (an engine that restarts loads
+the latest weights) and so of :class:`~inferpool.routing.router.Router`; the primary
 shard holds the pool's ledger, the other shards learn each update's index from it.
 """
 
