@@ -38,8 +38,9 @@ FLOOR = {
     "discovery",
     "registry",
     "reasoning_config",
+    "placement_config",
 }
-SESSION_MODULES = {"chat", "replies", "message_index", "session_tree", "session_sync", "staleness", "turns"}
+SESSION_MODULES = {"chat", "replies", "message_index", "segment", "session_tree", "session_sync", "staleness", "turns"}
 FACADE = {"pool", "lifecycle", "session", "stats", "rollout", "weights.push", "__init__"}
 
 
