@@ -76,8 +76,8 @@ class Segment:
         self.render_key = render_key  # the render options (tools, template kwargs) it was rendered with
         self.depth: int = (parent.depth if parent else 0) + len(messages or ())
         self.length: int = (parent.length if parent else 0) + len(tokens)
-        own = np.unique(versions[trainable]) if len(versions) else versions
-        self.vset: frozenset[int] = (parent.vset if parent else frozenset()) | frozenset(int(v) for v in own if v >= 0)
+        own = {v for v in versions[trainable].tolist() if v >= 0}
+        self.vset: frozenset[int] = (parent.vset if parent else frozenset()) | own
         self.children = 0
         self.seq = 0
         self._full: np.ndarray | None = None  # all token ids of the path (kept on leaves only)

@@ -42,7 +42,7 @@ class SegmentWire:
 
 def to_wire(tree: SessionTree, seg: Segment) -> SegmentWire:
     """``seg`` (a segment of ``tree``, recorded or not) as it travels."""
-    used = sorted({int(v) for v in np.unique(seg.versions) if v >= 0})
+    used = sorted({v for v in seg.versions.tolist() if v >= 0})
     remap = np.full(max(used, default=-1) + 2, -1, np.int32)  # remap[-1] stays -1
     for j, i in enumerate(used):
         remap[i] = j
@@ -81,7 +81,10 @@ def adopt(tree: SessionTree, wires: Sequence[SegmentWire]) -> list[Segment]:
                     "not hold (it was reset or closed meanwhile)"
                 )
             parent = tree.get(w.parent_id)
-        labels = [w.version_labels[i] if i >= 0 else None for i in w.version_index.tolist()]
+        index = w.version_index
+        if n and (int(index.max()) >= len(w.version_labels) or int(index.min()) < -1):
+            raise SessionError(f"session {tree.session_id}: node {w.node_id} names a weight version it does not carry")
+        table = np.array([*(-1 if v is None else tree.label_index(v) for v in w.version_labels), -1], np.int32)
         segments.append(
             Segment(
                 w.node_id,
@@ -89,7 +92,7 @@ def adopt(tree: SessionTree, wires: Sequence[SegmentWire]) -> list[Segment]:
                 w.tokens,
                 w.trainable,
                 w.logprobs,
-                tree.version_indices(labels),
+                table[index],
                 w.text,
                 w.metadata,
                 messages=w.messages,

@@ -160,17 +160,27 @@ class SessionTree:
     # -- recording ----------------------------------------------------------------------
     def version_indices(self, versions: Sequence[Any]) -> np.ndarray:
         """Per-token weight versions as indices into this tree's labels (-1: none)."""
-        out = np.full(len(versions), -1, np.int32)
+        n = len(versions)
+        out = np.full(n, -1, np.int32)
+        if n and isinstance(versions, list | tuple):  # the usual turn: one version for every token
+            first = versions[0]
+            if versions.count(first) == n and len(set(map(type, versions))) == 1:
+                if first is not None:
+                    out[:] = self.label_index(first)
+                return out
         for i, v in enumerate(versions):
-            if v is None:
-                continue
-            key = (type(v).__name__, v)
-            j = self._label_at.get(key)
-            if j is None:
-                j = self._label_at[key] = len(self._labels)
-                self._labels.append(v)
-            out[i] = j
+            if v is not None:
+                out[i] = self.label_index(v)
         return out
+
+    def label_index(self, version: Any) -> int:
+        """The index of ``version`` among this tree's labels (added if new; 1 and "1" differ)."""
+        key = (type(version).__name__, version)
+        j = self._label_at.get(key)
+        if j is None:
+            j = self._label_at[key] = len(self._labels)
+            self._labels.append(version)
+        return j
 
     def new_segment(
         self,
