@@ -76,7 +76,7 @@ class Segment:
         self.render_key = render_key  # the render options (tools, template kwargs) it was rendered with
         self.depth: int = (parent.depth if parent else 0) + len(messages or ())
         self.length: int = (parent.length if parent else 0) + len(tokens)
-        own = {v for v in versions[trainable].tolist() if v >= 0}
+        own = {v for v in versions[trainable].tolist() if v >= 0} if len(versions) else set()
         self.vset: frozenset[int] = (parent.vset if parent else frozenset()) | own
         self.children = 0
         self.seq = 0
