@@ -175,6 +175,9 @@ def ensure_ray() -> bool:
 
 
 # -- CPU accounting ---------------------------------------------------------------------------
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc's CPU time unit
+
+
 class CpuMeter:
     """CPU seconds used during a block by this process and its descendants, and by every other process.
 
@@ -190,7 +193,10 @@ class CpuMeter:
     NaN.
 
     ``with CpuMeter() as cpu: ...`` then ``cpu.own_share`` / ``cpu.busy_share``: the
-    fraction of all cores' time (``wall x cores``) used by ours / by all processes.
+    fraction of all cores' time (``wall x cores``) used by ours / by all processes. The
+    counters come in clock ticks, truncated: every process whose CPU moved can read up to a
+    tick more per counter (user, system) than it used, ``resolution_s`` in all, so for a short
+    block ``busy_share`` can exceed 1 by up to ``resolution_s / (wall x cores)``.
     """
 
     def __init__(self) -> None:
@@ -198,16 +204,19 @@ class CpuMeter:
         self.others_s = math.nan
         self.wall_s = 0.0
         self.cores = os.cpu_count() or 1
-        self._start: tuple[dict[int, float], dict[int, float], float] | None = None
+        self.resolution_s = 0.0
+        self._start: tuple[dict[int, float], dict[int, float], float, float] | None = None
         self._t0 = 0.0
 
     @staticmethod
-    def _sample() -> tuple[dict[int, float], dict[int, float], float] | None:
-        """CPU seconds of each process of ours and of each other process (by pid), and the time."""
+    def _sample() -> tuple[dict[int, float], dict[int, float], float, float] | None:
+        """CPU seconds of each process of ours and of each other process (by pid), and the times
+        before and after they were read (reading every process takes a while on a busy machine)."""
         try:
             import psutil
         except ImportError:
             return None
+        t_begin = time.perf_counter()
         parent: dict[int, int] = {}
         cpu: dict[int, float] = {}
         for proc in psutil.process_iter(["ppid", "cpu_times"]):
@@ -224,27 +233,35 @@ class CpuMeter:
             while node not in (me, 0, 1) and hops < 64:  # walk up to this process or the root
                 node, hops = parent.get(node, 0), hops + 1
             (ours if node == me else others)[pid] = seconds
-        return ours, others, time.perf_counter()
+        return ours, others, t_begin, time.perf_counter()
 
     @staticmethod
     def _deltas(
-        start: tuple[dict[int, float], dict[int, float], float], end: tuple[dict[int, float], dict[int, float], float]
-    ) -> tuple[float, float]:
+        start: tuple[dict[int, float], dict[int, float], float, float],
+        end: tuple[dict[int, float], dict[int, float], float, float],
+    ) -> tuple[float, float, int]:
         """CPU seconds of ours and of others between two samples. A process counts where it was at
         the start (an orphan re-parented meanwhile, such as an engine's worker process whose
-        parent was killed, stays ours), or where it is at the end if it started meanwhile."""
+        parent was killed, stays ours), or where it is at the end if it started meanwhile. Also
+        how many processes' counters moved."""
         was_ours, was_other = start[0], start[1]
         own = others = 0.0
+        moved = 0
         for pid, seconds in (*end[0].items(), *end[1].items()):
             if pid in was_ours:
-                own += seconds - was_ours[pid]
+                delta = seconds - was_ours[pid]
+                own += delta
             elif pid in was_other:
-                others += seconds - was_other[pid]
+                delta = seconds - was_other[pid]
+                others += delta
             elif pid in end[0]:
+                delta = seconds
                 own += seconds
             else:
+                delta = seconds
                 others += seconds
-        return own, others
+            moved += delta > 0
+        return own, others, moved
 
     def __enter__(self) -> CpuMeter:
         self._start = self._sample()
@@ -255,8 +272,10 @@ class CpuMeter:
         end = self._sample()
         self.wall_s = time.perf_counter() - self._t0
         if self._start is not None and end is not None:
-            self.own_s, self.others_s = self._deltas(self._start, end)
-            self.wall_s = end[2] - self._start[2]
+            self.own_s, self.others_s, moved = self._deltas(self._start, end)
+            # the window every reading falls in: from before the first sample to after the last
+            self.wall_s = end[3] - self._start[2]
+            self.resolution_s = 2 * moved / _CLOCK_TICKS
 
     @property
     def own_share(self) -> float:
