@@ -9,6 +9,7 @@ placement and environment of one replica from its :class:`EngineConfig`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Coroutine
@@ -22,6 +23,7 @@ from inferpool.actors.mailbox import Mailboxes, Outcome
 from inferpool.actors.weights import WeightReceiver
 from inferpool.config import EngineConfig
 from inferpool.errors import BackendError, EngineDeadError, InferpoolError, RequestError
+from inferpool.heap import freeze_heap, unfreeze_heap
 from inferpool.log import setup_logging
 from inferpool.metrics import MetricsRegistry
 from inferpool.types import EngineInfo, EngineStats, GenerateRequest, GenerateResult, PromptLogprobs
@@ -40,7 +42,10 @@ class EngineActor(WeightReceiver):
         backend: EngineBackend | None = None,
         weight_transfer: str = "object_store",
         bundle_index: int | None = None,
+        gc_freeze: bool = False,
     ) -> None:
+        """``gc_freeze``: once started, freeze the start-up heap out of garbage collection
+        (``PoolConfig.gc_freeze``, :mod:`inferpool.heap`)."""
         setup_logging()
         self.config = config
         self.engine_id = engine_id
@@ -48,6 +53,7 @@ class EngineActor(WeightReceiver):
         self.backend.weight_transfer = weight_transfer  # type: ignore[attr-defined]
         self._transfer_joined = False
         self._bundle_index = bundle_index
+        self._gc_freeze = gc_freeze
         self._native: dict[str, Any] = {}
         self.info: EngineInfo | None = None
         self._in_flight: dict[str, float] = {}
@@ -71,6 +77,8 @@ class EngineActor(WeightReceiver):
             except Exception:  # not inside Ray
                 self.info.node_id = ""
             logger.info("engine %s (%s) started in %.1fs", self.engine_id, self.info.backend, time.perf_counter() - t0)
+            if self._gc_freeze:
+                freeze_heap(f"engine {self.engine_id}")
         return self.info
 
     def _require_started(self) -> None:
@@ -220,6 +228,7 @@ class EngineActor(WeightReceiver):
         self._stats.prefix_cache_hit_rate = extra.get("prefix_cache_hit_rate")
         self._stats.weight_version = extra.get("weight_version", getattr(self.backend, "weight_version", None))
         self._stats.uptime_s = time.monotonic() - self._started
+        self._stats.gc_frozen_objects = gc.get_freeze_count()
         self.metrics.set("inferpool_queued", self._stats.queue_len, engine=self.engine_id)
         return self._stats
 
@@ -260,6 +269,7 @@ class EngineActor(WeightReceiver):
         return out
 
     async def shutdown(self) -> None:
+        unfreeze_heap()  # what the engine held becomes collectable again
         await self.backend.shutdown()
 
 

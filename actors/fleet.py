@@ -175,8 +175,9 @@ class Fleet:
                     placement_group=pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
                 )
             handle = actor_cls.options(**options).remote(
-                group, engine_id, None, self.config.weight_transfer.method, bundle_index
-            )
+                group, engine_id, None, self.config.weight_transfer.method, bundle_index,
+                gc_freeze=self.config.gc_freeze != "off",
+            )  # fmt: skip
             made[engine_id] = handle
             started.append((engine_id, g, group, handle, handle.start.remote()))
         latest = get_ref(self.router.latest_weights.remote(), CONTROL_TIMEOUT_S, "router") if started else None

@@ -26,6 +26,7 @@ import ray
 from inferpool.chat import ChatRenderer, load_renderer, validate_messages
 from inferpool.config import PoolConfig
 from inferpool.errors import InferpoolError, SessionError, SessionExpiredError, SessionNotFoundError
+from inferpool.heap import freeze_heap
 from inferpool.log import setup_logging
 from inferpool.metrics import MetricsRegistry
 from inferpool.openai_types import ChatCompletion, Completion
@@ -75,10 +76,16 @@ class SessionStore:
     async def start(self) -> None:
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+            self._freeze_heap("started")
+
+    def _freeze_heap(self, when: str) -> None:
+        if self.config.gc_freeze != "off":
+            freeze_heap(f"session store {self.shard} {when}")
 
     async def _renderer_ready(self) -> ChatRenderer:
         if self._renderer is None:
             self._renderer = await asyncio.to_thread(load_renderer, self.config)
+            self._freeze_heap("with its renderer")  # the tokenizer's import and its objects
         return self._renderer
 
     # -- lifetime ---------------------------------------------------------------------

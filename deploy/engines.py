@@ -82,6 +82,7 @@ class EngineReplica:
         else:
             self.config = engine if isinstance(engine, EngineConfig) else EngineConfig(**engine)
         self.engine_id: str = f"serve-{serve.get_replica_context().replica_id.unique_id}"
+        self._gc_freeze: bool = pool_config.gc_freeze != "off"
         shard = engine_shard(self.engine_id, pool_config.router.shards)  # the router shard that owns it
         self._router: Any = primary if shard == 0 else ray.get_actor(router_name(pool_name, shard), namespace=namespace)
         self.info: EngineInfo = await self._start_engine()
@@ -89,7 +90,7 @@ class EngineReplica:
     async def _start_engine(self) -> EngineInfo:
         cfg = self.config
         options = engine_actor_options(cfg, f"{self.pool_name}:engine:{self.engine_id}", self.namespace, False)
-        self._engine = engine_actor_class().options(**options).remote(cfg, self.engine_id)
+        self._engine = engine_actor_class().options(**options).remote(cfg, self.engine_id, gc_freeze=self._gc_freeze)
         try:
             info: EngineInfo = await await_ref(
                 self._engine.start.remote(), cfg.start_timeout_s, f"engine {self.engine_id} start"

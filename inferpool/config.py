@@ -326,6 +326,15 @@ class PoolConfig(ConfigModel):
     namespace: str = Field("inferpool", description="Ray namespace of the pool's named actors.")
     detached: bool = Field(False, description="Keep the pool's actors alive after the starting driver exits.")
     start_timeout_s: float = Field(900.0, gt=0, description="How long Pool.start waits for all engines.")
+    gc_freeze: Literal["pool", "all", "off"] = Field(
+        "pool",
+        description="Python's garbage collector (inferpool.heap): 'pool': the pool's engine actors, "
+        "routers and session stores collect once after starting and freeze what survives, so later "
+        "collections skip their start-up heap (full collections of it took 170-260 ms each); 'all': "
+        "also the process that starts or connects the pool, once started and once its chat renderer "
+        "is loaded (an object alive then and later dropped inside a reference cycle is never freed); "
+        "'off': neither.",
+    )
 
     @field_validator("engines")
     @classmethod

@@ -21,6 +21,7 @@ from inferpool.actors.fleet import Fleet, find_router, find_routers
 from inferpool.chat import ChatRenderer, load_renderer, validate_messages
 from inferpool.config import PoolConfig
 from inferpool.errors import ConfigError, RequestError, SessionError
+from inferpool.heap import freeze_caller_heap
 from inferpool.hub import check_model_source
 from inferpool.lifecycle import EngineLifecycle
 from inferpool.log import setup_logging
@@ -115,6 +116,7 @@ class Pool(EngineLifecycle):
             pool.shutdown()
             raise
         logger.info("pool %r started with %d engines", config.name, len(specs))
+        freeze_caller_heap(config.gc_freeze, f"pool {config.name!r} started")
         return pool
 
     @classmethod
@@ -130,6 +132,7 @@ class Pool(EngineLifecycle):
         routers = find_routers(config)
         infos = routers.engine_infos()
         stores = get_ref(router.stores.remote(), timeout_s, "router")
+        freeze_caller_heap(config.gc_freeze, f"pool {name!r} connected")
         return cls(config, routers.routers, infos, stores)
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -187,6 +190,7 @@ class Pool(EngineLifecycle):
         """The chat renderer of this pool's tokenizer (loaded once per process, thread-safe)."""
         if self._renderer is None:
             self._renderer = load_renderer(self.config)
+            freeze_caller_heap(self.config.gc_freeze, "chat renderer loaded")
         return self._renderer
 
     def model_name(self) -> str:

@@ -134,6 +134,7 @@ class EngineStats:
     last_update_bytes: int = 0
     last_update_s: float = 0.0
     uptime_s: float = 0.0
+    gc_frozen_objects: int = 0  # frozen out of the actor process's garbage collection (PoolConfig.gc_freeze)
 
 
 @dataclasses.dataclass(slots=True)

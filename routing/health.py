@@ -17,6 +17,7 @@ from typing import Any
 import ray
 
 from inferpool.config import PoolConfig, RouterConfig
+from inferpool.heap import freeze_heap
 from inferpool.ray_utils import bounded
 from inferpool.routing.policy import EngineSlot
 from inferpool.routing.shards import engine_shard
@@ -79,6 +80,8 @@ class HealthChecks(WeightLedger):
             self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
             if not self._engines and self.pool_config is not None:
                 await self._rediscover()
+            if self.pool_config is not None and self.pool_config.gc_freeze != "off":
+                freeze_heap(f"router shard {self.shard}")
 
     async def _rediscover(self) -> None:
         assert self.pool_config is not None

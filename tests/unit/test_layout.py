@@ -39,6 +39,7 @@ FLOOR = {
     "registry",
     "reasoning_config",
     "placement_config",
+    "heap",
 }
 SESSION_MODULES = {"chat", "replies", "message_index", "segment", "session_tree", "session_sync", "staleness", "turns"}
 FACADE = {"pool", "lifecycle", "session", "stats", "rollout", "weights.push", "__init__"}
