@@ -64,11 +64,15 @@ def to_vllm_sampling(sp: SamplingParams, seed_offset: int = 0) -> Any:
 
     Token ids are the source of truth, so vLLM does not detokenize (its incremental
     detokenizer and the decoding of every logprob's token cost more CPU per token than the
-    rest of the request) unless stop strings need the text.
+    rest of the request) unless stop strings need the text. Logprobs come flat (a few lists
+    per request instead of a dict and a ``Logprob`` per token) where vLLM offers it.
     """
     from vllm import SamplingParams as VSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    flat: dict[str, Any] = (
+        {"flat_logprobs": True} if "flat_logprobs" in getattr(VSamplingParams, "__struct_fields__", ()) else {}
+    )
     return VSamplingParams(
         n=sp.n,
         max_tokens=sp.max_tokens,
@@ -87,15 +91,19 @@ def to_vllm_sampling(sp: SamplingParams, seed_offset: int = 0) -> Any:
         logprobs=sp.logprobs,
         output_kind=RequestOutputKind.FINAL_ONLY,
         detokenize=bool(sp.stop),
+        **flat,
     )
 
 
 def sampled_logprobs(
     token_ids: list[int], logprobs: Any, top_k: int
 ) -> tuple[list[float], list[dict[int, float]] | None]:
-    """The logprob of each sampled token (and the top-k alternatives when asked for)."""
+    """The logprob of each sampled token (and the top-k alternatives when asked for), from
+    vLLM's flat logprobs or its list of one dict per position."""
     if logprobs is None:
         raise BackendError("vLLM returned no logprobs although they were requested")
+    if hasattr(logprobs, "start_indices"):
+        return _flat_sampled_logprobs(token_ids, logprobs, top_k)
     values: list[float] = []
     tops: list[dict[int, float]] | None = [] if top_k > 0 else None
     for tok, pos in zip(token_ids, logprobs, strict=True):
@@ -106,6 +114,27 @@ def sampled_logprobs(
             ranked = sorted(pos.items(), key=lambda kv: -kv[1].logprob)[:top_k]
             tops.append({int(t): float(lp.logprob) for t, lp in ranked})
     return values, tops
+
+
+def _flat_sampled_logprobs(
+    token_ids: list[int], flat: Any, top_k: int
+) -> tuple[list[float], list[dict[int, float]] | None]:
+    """``sampled_logprobs`` on a ``FlatLogprobs``: position i's entries are
+    ``start_indices[i]:end_indices[i]`` of its lists, the sampled token's first."""
+    starts, ends, ids, values = flat.start_indices, flat.end_indices, flat.token_ids, flat.logprobs
+    if len(starts) != len(token_ids):
+        raise BackendError(f"vLLM returned logprobs for {len(starts)} positions of {len(token_ids)} sampled tokens")
+    out: list[float] = []
+    tops: list[dict[int, float]] | None = [] if top_k > 0 else None
+    for tok, start, end in zip(token_ids, starts, ends, strict=True):
+        at = start if start < end and ids[start] == tok else next((j for j in range(start, end) if ids[j] == tok), -1)
+        if at < 0:
+            raise BackendError(f"vLLM returned no logprob for sampled token {tok}")
+        out.append(float(values[at]))
+        if tops is not None:
+            position = {int(ids[j]): float(values[j]) for j in range(start, end)}
+            tops.append(dict(sorted(position.items(), key=lambda kv: -kv[1])[:top_k]))
+    return out, tops
 
 
 class VLLMBackend(BaseBackend):
