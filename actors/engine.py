@@ -9,7 +9,6 @@ placement and environment of one replica from its :class:`EngineConfig`.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from collections.abc import Coroutine
@@ -77,8 +76,8 @@ class EngineActor(WeightReceiver):
             except Exception:  # not inside Ray
                 self.info.node_id = ""
             logger.info("engine %s (%s) started in %.1fs", self.engine_id, self.info.backend, time.perf_counter() - t0)
-            if self._gc_freeze:
-                freeze_heap(f"engine {self.engine_id}")
+            if self._gc_freeze:  # counted once: gc.get_freeze_count() walks every frozen object
+                self._stats.gc_frozen_objects = freeze_heap(f"engine {self.engine_id}")
         return self.info
 
     def _require_started(self) -> None:
@@ -228,7 +227,6 @@ class EngineActor(WeightReceiver):
         self._stats.prefix_cache_hit_rate = extra.get("prefix_cache_hit_rate")
         self._stats.weight_version = extra.get("weight_version", getattr(self.backend, "weight_version", None))
         self._stats.uptime_s = time.monotonic() - self._started
-        self._stats.gc_frozen_objects = gc.get_freeze_count()
         self.metrics.set("inferpool_queued", self._stats.queue_len, engine=self.engine_id)
         return self._stats
 
@@ -270,6 +268,7 @@ class EngineActor(WeightReceiver):
 
     async def shutdown(self) -> None:
         unfreeze_heap()  # what the engine held becomes collectable again
+        self._stats.gc_frozen_objects = 0
         await self.backend.shutdown()
 
 

@@ -74,6 +74,7 @@ async def test_an_engine_actor_freezes_once_started_and_unfreezes_before_shutdow
     assert (frozen > 0) is freeze
     await engine.shutdown()
     assert gc.get_freeze_count() == 0
+    assert (await engine.stats()).gc_frozen_objects == 0
 
 
 def test_the_pools_engines_run_frozen_by_default(fake_pool: ip.Pool) -> None:
