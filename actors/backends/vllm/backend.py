@@ -111,9 +111,14 @@ def sampled_logprobs(
             raise BackendError(f"vLLM returned no logprob for sampled token {tok}")
         values.append(float(pos[tok].logprob))
         if tops is not None:
-            ranked = sorted(pos.items(), key=lambda kv: -kv[1].logprob)[:top_k]
-            tops.append({int(t): float(lp.logprob) for t, lp in ranked})
+            tops.append(_best(((t, lp.logprob) for t, lp in pos.items()), top_k))
     return values, tops
+
+
+def _best(position: Any, top_k: int) -> dict[int, float]:
+    """The ``top_k`` best of a position's (token id, logprob) pairs, best first."""
+    ranked = sorted({int(t): float(lp) for t, lp in position}.items(), key=lambda kv: -kv[1])
+    return dict(ranked[:top_k])
 
 
 def _flat_sampled_logprobs(
@@ -132,8 +137,7 @@ def _flat_sampled_logprobs(
             raise BackendError(f"vLLM returned no logprob for sampled token {tok}")
         out.append(float(values[at]))
         if tops is not None:
-            position = {int(ids[j]): float(values[j]) for j in range(start, end)}
-            tops.append(dict(sorted(position.items(), key=lambda kv: -kv[1])[:top_k]))
+            tops.append(_best(((ids[j], values[j]) for j in range(start, end)), top_k))
     return out, tops
 
 
