@@ -72,6 +72,7 @@ class SessionStore:
         self.ambiguous_total = 0  # turns whose parent the earliest-recorded rule chose
         self.rerendered_total = 0  # turns rendered fresh instead of extending their sequence
         self.metrics = MetricsRegistry()
+        self.gc_frozen_objects = 0  # frozen out of this process's garbage collection (PoolConfig.gc_freeze)
 
     async def start(self) -> None:
         if self._reaper is None or self._reaper.done():
@@ -80,7 +81,7 @@ class SessionStore:
 
     def _freeze_heap(self, when: str) -> None:
         if self.config.gc_freeze != "off":
-            freeze_heap(f"session store {self.shard} {when}")
+            self.gc_frozen_objects = freeze_heap(f"session store {self.shard} {when}")
 
     async def _renderer_ready(self) -> ChatRenderer:
         if self._renderer is None:
@@ -353,12 +354,14 @@ class SessionStore:
     def counts(self) -> dict[str, int]:
         """Open and expired sessions, and the turns that did not extend their sequence as sent:
         ``ambiguous_turns`` (parent chosen by the earliest-recorded rule) and ``rerendered_turns``
-        (rendered fresh: render options changed, or requeued as stale)."""
+        (rendered fresh: render options changed, or requeued as stale), and ``gc_frozen_objects``
+        (frozen out of the store's garbage collection, ``PoolConfig.gc_freeze``)."""
         return {
             "open": len(self._sessions),
             "expired": self.expired_total,
             "ambiguous_turns": self.ambiguous_total,
             "rerendered_turns": self.rerendered_total,
+            "gc_frozen_objects": self.gc_frozen_objects,
         }
 
     async def shutdown(self) -> None:

@@ -67,7 +67,10 @@ def pool_stats(config: PoolConfig, routers: Any, stores: list[Any]) -> dict[str,
             "timings": rs.timing_summary(),
             "leases": rs.num_leases(),
             **actor_place(rs.primary),
-            "shards": [actor_place(r) for r in rs.routers],
+            "shards": [
+                {**actor_place(r), "gc_frozen_objects": frozen}
+                for r, frozen in zip(rs.routers, rs.frozen_objects(), strict=True)
+            ],
         },
         "versions": get_ref(rs.primary.versions.remote(), CONTROL_TIMEOUT_S, "router"),
     }

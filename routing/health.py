@@ -60,6 +60,7 @@ class HealthChecks(WeightLedger):
     _health_task: asyncio.Task[None] | None
     _loading: set[asyncio.Task[None]]  # engines found unstarted after a router restart, loading
     shard: int
+    gc_frozen_objects: int = 0  # frozen out of this shard's garbage collection (PoolConfig.gc_freeze)
 
     async def _notify(self) -> None:
         raise NotImplementedError
@@ -81,7 +82,11 @@ class HealthChecks(WeightLedger):
             if not self._engines and self.pool_config is not None:
                 await self._rediscover()
             if self.pool_config is not None and self.pool_config.gc_freeze != "off":
-                freeze_heap(f"router shard {self.shard}")
+                self.gc_frozen_objects = freeze_heap(f"router shard {self.shard}")
+
+    def frozen_objects(self) -> int:
+        """Objects this shard froze out of its garbage collection (0 before start or with ``off``)."""
+        return self.gc_frozen_objects
 
     async def _rediscover(self) -> None:
         assert self.pool_config is not None

@@ -80,6 +80,10 @@ class RouterSet:
     def num_leases(self) -> int:
         return sum(self.gather("num_leases"))
 
+    def frozen_objects(self) -> list[int]:
+        """Objects each shard froze out of its garbage collection, in shard order."""
+        return self.gather("frozen_objects")
+
     def timing_summary(self) -> dict[str, Any]:
         return {eid: v for part in self.gather("timing_summary") for eid, v in part.items()}
 

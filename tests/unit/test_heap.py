@@ -82,3 +82,26 @@ def test_the_pools_engines_run_frozen_by_default(fake_pool: ip.Pool) -> None:
     engines = fake_pool.stats()["engines"]
     assert engines and all(e["gc_frozen_objects"] > 0 for e in engines.values()), engines
     assert fake_pool.config.gc_freeze == "pool"
+
+
+def test_the_pools_router_shards_and_session_stores_run_frozen_by_default(fake_pool: ip.Pool) -> None:
+    """Every control process of the pool reports what it froze, in Pool.stats()."""
+    stats = fake_pool.stats()
+    shards = stats["router"]["shards"]
+    assert shards and all(s["gc_frozen_objects"] > 0 for s in shards), shards
+    stores = stats["sessions"]
+    assert stores and all(s["gc_frozen_objects"] > 0 for s in stores.values()), stores
+
+
+@pytest.mark.parametrize("setting", ["pool", "off"])
+async def test_a_session_store_freezes_once_started_unless_off(setting: str, fake_pool: ip.Pool) -> None:
+    from inferpool.actors.session_store import SessionStore
+
+    config = fake_pool.config.model_copy(update={"gc_freeze": setting})
+    store = SessionStore(config, fake_pool.routers.routers, 0)
+    assert store.counts()["gc_frozen_objects"] == 0
+    await store.start()
+    try:
+        assert (store.counts()["gc_frozen_objects"] > 0) is (setting != "off")
+    finally:
+        await store.shutdown()
