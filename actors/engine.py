@@ -89,8 +89,10 @@ class EngineActor(WeightReceiver):
             )
 
     # -- generation -------------------------------------------------------------------
-    async def generate(self, request: GenerateRequest) -> GenerateResult:
-        """Serve one request. Errors leave as inferpool errors, never bare backend ones."""
+    async def generate(self, request: GenerateRequest, echo_prompt: bool = True) -> GenerateResult:
+        """Serve one request. Errors leave as inferpool errors, never bare backend ones.
+        ``echo_prompt=False``: the result's ``prompt_token_ids`` come back empty when the engine
+        received exactly the ids sent (the caller holds them; see ``GenerateResult.with_sent_prompt``)."""
         self._require_started()
         t0 = time.monotonic()
         self._in_flight[request.request_id] = t0
@@ -141,7 +143,7 @@ class EngineActor(WeightReceiver):
         if result.ttft_s is not None:
             self.metrics.observe("inferpool_time_to_first_token_seconds", result.ttft_s, engine=self.engine_id)
         self.metrics.inc("inferpool_generated_tokens_total", result.num_generated_tokens, engine=self.engine_id)
-        return result
+        return result if echo_prompt else result.without_sent_prompt(request.prompt_token_ids)
 
     async def generate_batch(self, requests: list[GenerateRequest]) -> list[GenerateResult | InferpoolError]:
         """Serve many requests with one actor call; a failed request yields its error in place."""

@@ -92,8 +92,8 @@ class Mailboxes:
         outcome: Outcome
         if exc is None:
             outcome = task.result()
-            if isinstance(outcome, GenerateResult) and outcome.prompt_token_ids == request.prompt_token_ids:
-                outcome = dataclasses.replace(outcome, prompt_token_ids=[])  # the caller has them
+            if isinstance(outcome, GenerateResult):
+                outcome = outcome.without_sent_prompt(request.prompt_token_ids)
         elif isinstance(exc, InferpoolError):
             outcome = exc
         else:

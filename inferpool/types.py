@@ -95,6 +95,19 @@ class GenerateResult:
     def num_generated_tokens(self) -> int:
         return sum(len(c.token_ids) for c in self.choices)
 
+    def without_sent_prompt(self, sent: list[int]) -> GenerateResult:
+        """For the trip back to the caller: ``prompt_token_ids`` emptied when they are exactly
+        the ``sent`` ones (the caller holds those; a long prompt is most of a turn's bytes)."""
+        if self.prompt_token_ids == sent:
+            return dataclasses.replace(self, prompt_token_ids=[])
+        return self
+
+    def with_sent_prompt(self, sent: list[int]) -> GenerateResult:
+        """The caller's side of :meth:`without_sent_prompt`: empty ids are the ones it sent."""
+        if not self.prompt_token_ids:
+            self.prompt_token_ids = sent
+        return self
+
 
 @dataclasses.dataclass(slots=True)
 class EngineInfo:

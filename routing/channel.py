@@ -141,9 +141,7 @@ class EngineChannel:
                 if isinstance(outcome, BaseException):
                     waiting.future.set_exception(outcome)
                 else:
-                    if not outcome.prompt_token_ids:  # the engine received what it was sent
-                        outcome.prompt_token_ids = waiting.prompt
-                    waiting.future.set_result(outcome)
+                    waiting.future.set_result(outcome.with_sent_prompt(waiting.prompt))
             lost = [rid for rid, w in self._waiting.items() if w.outbox is not None and w.outbox != outbox]
             if lost:  # what the old outbox held is gone
                 gone = EngineDeadError(f"engine {self.engine_id} restarted or dropped this caller's requests")

@@ -388,3 +388,25 @@ async def test_a_cancellation_is_never_swallowed_by_an_answer_that_lands_at_the_
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
+
+
+async def test_an_engine_leaves_out_the_prompt_it_was_sent_only_when_asked() -> None:
+    """The per-request path (batch_engine_calls=False) does not carry a turn's prompt back:
+    the engine leaves out ids equal to those sent and the caller puts its own back."""
+    from inferpool.actors.engine import EngineActor
+    from inferpool.types import GenerateRequest, GenerateResult
+
+    engine = EngineActor(ip.EngineConfig(backend="fake"), "e-echo", gc_freeze=False)
+    await engine.start()
+    try:
+        sampling = ip.SamplingParams(max_tokens=2)
+        echoed = await engine.generate(GenerateRequest("r1", [7, 8, 9], sampling))
+        assert echoed.prompt_token_ids == [7, 8, 9]
+        bare = await engine.generate(GenerateRequest("r2", [7, 8, 9], sampling), echo_prompt=False)
+        assert bare.prompt_token_ids == [] and bare.choices[0].token_ids
+        assert bare.with_sent_prompt([7, 8, 9]).prompt_token_ids == [7, 8, 9]
+    finally:
+        await engine.shutdown()
+    other = GenerateResult("r3", [1, 2], [])  # an engine that received other ids reports them
+    assert other.without_sent_prompt([1]).prompt_token_ids == [1, 2]
+    assert other.with_sent_prompt([1]).prompt_token_ids == [1, 2]
