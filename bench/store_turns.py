@@ -31,7 +31,7 @@ SHARDS = {"full": (1, 2, 4), "quick": (1, 2, 4), "tiny": (1,)}
 # size -> (sessions, history lengths, timed turns per session, sessions of the "many" case)
 SIZES: dict[str, tuple[int, tuple[int, ...], int, int]] = {
     "full": (64, (1, 8, 64), 4, 2000),
-    "quick": (32, (1, 8, 64), 2, 1000),
+    "quick": (32, (1, 8, 32), 2, 500),  # the full run has the 64-turn point
     "tiny": (4, (1, 4), 1, 20),
 }
 
