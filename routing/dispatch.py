@@ -118,8 +118,9 @@ class Dispatcher(LeaseClient):
 
     async def _generate_on(self, engine_id: str, request: GenerateRequest, timeout_s: float | None) -> GenerateResult:
         if not self.config.router.batch_engine_calls:
-            call: Callable[[Any], ray.ObjectRef] = lambda h: h.generate.remote(request, echo_prompt=False)  # noqa: E731
-            result: GenerateResult = await self._on_engine(engine_id, call, timeout_s)
+            result: GenerateResult = await self._on_engine(
+                engine_id, lambda h: h.generate.remote(request, echo_prompt=False), timeout_s
+            )
             return result.with_sent_prompt(request.prompt_token_ids)
         handle = await self.engines.handle(engine_id)
         channels = self._channels.get()
