@@ -19,6 +19,12 @@ Commands arrive as JSON lines on stdin, answers leave as JSON lines on the resul
   the conversation's token ids, appends what was sampled and then ``suffix`` (the next user
   turn, pre-encoded); answers ``{"event": "result", "tokens": generated, "seconds": wall,
   "latencies": [per-turn seconds]}``;
+- ``{"cmd": "chat", "tokenizer": PATH, "firsts": [[messages...], ...], "user_turn": TEXT,
+  "turns": T, "sampling": {...}}`` the same conversations with the least work any client
+  of chat messages does, in this process and with nothing recorded: the first prompt
+  rendered from its messages, then per turn the sampled ids decoded into the reply's text,
+  the reply and the next user message appended, and only those new messages rendered
+  (:meth:`~inferpool.chat.ChatRenderer.suffix`) and encoded; answers as ``sessions``;
 - ``{"cmd": "stop"}`` shuts the engine down.
 
 Sampling parameters are converted with the vLLM backend's own ``to_vllm_sampling``, so
@@ -115,6 +121,23 @@ class RawEngine:
         self._proc.stdin.flush()
         return self._read(timeout_s)
 
+    def chat(
+        self,
+        tokenizer: str,
+        firsts: list[list[dict[str, Any]]],
+        user_turn: str,
+        turns: int,
+        sampling: dict[str, Any],
+        timeout_s: float = 900.0,
+    ) -> dict[str, Any]:
+        """The same conversations as chat messages, rendered and decoded in the subprocess with
+        nothing recorded (see the module docstring): what any client of messages must do."""
+        assert self._proc.stdin is not None
+        cmd = {"cmd": "chat", "tokenizer": tokenizer, "firsts": firsts, "user_turn": user_turn, "turns": turns}
+        self._proc.stdin.write(json.dumps({**cmd, "sampling": sampling}) + "\n")
+        self._proc.stdin.flush()
+        return self._read(timeout_s)
+
     def request_stop(self) -> None:
         """Ask the subprocess to shut its engine down (returns at once; :meth:`stop` waits)."""
         if self._proc.poll() is None and self._proc.stdin is not None and not self._proc.stdin.closed:
@@ -192,6 +215,49 @@ async def _conversations(
     return {"event": "result", "tokens": sum(counts), "seconds": seconds, "latencies": latencies}
 
 
+async def _chat_conversations(
+    engine: Any,
+    tokenizer: str,
+    firsts: list[list[dict[str, Any]]],
+    user_turn: str,
+    turns: int,
+    sampling: dict[str, Any],
+) -> dict[str, Any]:
+    from vllm.inputs import TokensPrompt
+
+    from inferpool.actors.backends.vllm.backend import to_vllm_sampling
+    from inferpool.chat import ChatRenderer
+    from inferpool.types import SamplingParams
+
+    renderer = ChatRenderer.from_pretrained(tokenizer)
+    sp = to_vllm_sampling(SamplingParams(**sampling))
+    tag = uuid.uuid4().hex[:8]
+    latencies: list[float] = []
+
+    async def one(i: int, messages: list[dict[str, Any]]) -> int:
+        generated = 0
+        ids = renderer.render(messages)[1]
+        for turn in range(turns):
+            t0 = time.perf_counter()
+            final = None
+            async for out in engine.generate(TokensPrompt(prompt_token_ids=ids), sp, f"chat-{tag}-{i}-{turn}"):
+                final = out
+            assert final is not None
+            sampled = list(final.outputs[0].token_ids)
+            messages = [*messages, {"role": "assistant", "content": renderer.decode(sampled)}]
+            messages.append({"role": "user", "content": user_turn})
+            eos = bool(sampled) and sampled[-1] == renderer.eos_token_id
+            ids = [*ids, *sampled, *renderer.encode(renderer.suffix(messages, len(messages) - 1, eos))]
+            latencies.append(time.perf_counter() - t0)
+            generated += len(sampled)
+        return generated
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(i, list(m)) for i, m in enumerate(firsts)))
+    seconds = time.perf_counter() - t0
+    return {"event": "result", "tokens": sum(counts), "seconds": seconds, "latencies": latencies}
+
+
 def engine_args(engine_config_json: str) -> Any:
     """The ``AsyncEngineArgs`` the pool's vLLM backend builds for this engine config."""
     from inferpool.actors.backends.vllm.backend import VLLMBackend
@@ -219,6 +285,10 @@ async def _serve(args: argparse.Namespace, out: IO[str]) -> None:
                 break
             if cmd["cmd"] == "sessions":
                 answer = await _conversations(engine, cmd["firsts"], cmd["suffix"], cmd["turns"], cmd["sampling"])
+            elif cmd["cmd"] == "chat":
+                answer = await _chat_conversations(
+                    engine, cmd["tokenizer"], cmd["firsts"], cmd["user_turn"], cmd["turns"], cmd["sampling"]
+                )
             else:
                 answer = await _generate_all(engine, cmd["prompts"], cmd["sampling"])
             out.write(json.dumps(answer) + "\n")

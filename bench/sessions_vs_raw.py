@@ -7,6 +7,10 @@ sides sample the same number of tokens), n=1, temperature 1.0.
 - raw: vLLM's ``AsyncLLM`` in a subprocess (:mod:`inferpool.bench.raw_engine`), each
   conversation a list of token ids: the rendered first prompt, then per turn what was
   sampled plus the pre-encoded next user turn. The limit: no rendering, no bookkeeping.
+- chat: the same ``AsyncLLM`` process driven with the same chat messages, doing only what
+  any client of messages must: render the first prompt, decode each reply, render and encode
+  only the new messages. Nothing is recorded or checked. ``chat_over_raw`` is what the
+  message format itself costs on this machine; ``sessions_over_chat`` is what the pool adds.
 - sessions: ``pool.session()`` + ``s.chat(messages)`` through the pool's engine built
   from the same ``EngineConfig``; every turn renders only the new messages, records
   tokens, masks and logprobs, and the client sends the returned message back.
@@ -137,37 +141,47 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
         sampling = {"max_tokens": max_tokens, "temperature": 1.0, "ignore_eos": True}
         asyncio.run(sessions_path(pool, 4, 2, 4))  # warm-up: store renderers, router, engine
         raw.sessions(firsts[:4], suffix, 2, {**sampling, "max_tokens": 4})
+        chat_firsts = [first_messages(i) for i in range(conversations)]
+        raw.chat(model, chat_firsts[:4], USER_TURN, 2, {**sampling, "max_tokens": 4})
         for turns in lengths:
-            raw_rates, pool_rates, raw_lat, pool_lat = [], [], [], []
+            rates: dict[str, list[float]] = {"raw": [], "chat": [], "sessions": []}
+            lats: dict[str, list[float]] = {"raw": [], "chat": [], "sessions": []}
             cpu: dict[str, float] = {}
             waits: dict[str, float] = {}  # run-queue wait of the engine core, by side
             for _ in range(repeats):
-                with ProcessCpu((), trees={"RawEngine": raw.pid}) as raw_meter:
-                    out = raw.sessions(firsts, suffix, turns, sampling)
-                cpu["raw_RawEngine"] = cpu.get("raw_RawEngine", 0.0) + raw_meter.seconds["RawEngine"]
-                waits["raw"] = waits.get("raw", 0.0) + raw_meter.core_wait_seconds
-                raw_rates.append(out["tokens"] / out["seconds"])
-                raw_lat += out["latencies"]
+                for side in ("raw", "chat"):
+                    with ProcessCpu((), trees={"RawEngine": raw.pid}) as raw_meter:
+                        if side == "raw":
+                            out = raw.sessions(firsts, suffix, turns, sampling)
+                        else:
+                            out = raw.chat(model, chat_firsts, USER_TURN, turns, sampling)
+                    cpu[f"{side}_RawEngine"] = cpu.get(f"{side}_RawEngine", 0.0) + raw_meter.seconds["RawEngine"]
+                    waits[side] = waits.get(side, 0.0) + raw_meter.core_wait_seconds
+                    rates[side].append(out["tokens"] / out["seconds"])
+                    lats[side] += out["latencies"]
                 with ProcessCpu(PROCESSES) as meter:
                     got = asyncio.run(sessions_path(pool, conversations, turns, max_tokens))
-                pool_rates.append(got["tokens"] / got["seconds"])
-                pool_lat += got["latencies"]
+                rates["sessions"].append(got["tokens"] / got["seconds"])
+                lats["sessions"] += got["latencies"]
                 for name, seconds in meter.seconds.items():
                     cpu[name] = cpu.get(name, 0.0) + seconds
                 waits["sessions"] = waits.get("sessions", 0.0) + meter.core_wait_seconds
             n_turns = conversations * turns * repeats
             key = f"@{turns}turns"
-            figures[f"raw_tokens_per_s{key}"] = statistics.median(raw_rates)
-            figures[f"sessions_tokens_per_s{key}"] = statistics.median(pool_rates)
-            figures[f"sessions_over_raw{key}"] = ratio(statistics.median(pool_rates), statistics.median(raw_rates))
-            for name, lat in (("raw", raw_lat), ("sessions", pool_lat)):
+            median = {side: statistics.median(r) for side, r in rates.items()}
+            for side, rate in median.items():
+                figures[f"{side}_tokens_per_s{key}"] = rate
+            figures[f"sessions_over_raw{key}"] = ratio(median["sessions"], median["raw"])
+            figures[f"chat_over_raw{key}"] = ratio(median["chat"], median["raw"])
+            figures[f"sessions_over_chat{key}"] = ratio(median["sessions"], median["chat"])
+            for name, lat in lats.items():
                 figures[f"{name}_turn_p50_s{key}"] = percentile(lat, 50)
                 figures[f"{name}_turn_p99_s{key}"] = percentile(lat, 99)
             for name, seconds in cpu.items():
                 figures[f"cpu_ms_per_turn_{name}{key}"] = 1000.0 * seconds / n_turns
             for side, seconds in waits.items():
                 figures[f"engine_core_runqueue_wait_ms_per_turn_{side}{key}"] = 1000.0 * seconds / n_turns
-            samples[key] = [round(v, 1) for v in raw_rates + pool_rates]
+            samples[key] = [round(v, 1) for side in rates.values() for v in side]
     except BaseException:
         teardown()
         raise
@@ -181,13 +195,17 @@ def run(quick: bool = False, tiny: bool = False) -> dict[str, Any]:
         "repeats": repeats,
         "engine": {"model": model, **ENGINE_KWARGS},
         "session_shards": config.sessions.shards,
-        "samples_tokens_per_s_raw_then_sessions": samples,
+        "samples_tokens_per_s_raw_chat_sessions": samples,
     }
     notes = [
         "raw = AsyncLLM in a subprocess with token ids and a pre-encoded user turn; sessions = "
-        "pool.session() + s.chat(messages) on the same engine config",
+        "pool.session() + s.chat(messages) on the same engine config; chat = raw's AsyncLLM driven with "
+        "the same chat messages and the least work any client of messages does (render the first prompt, "
+        "decode each reply, render and encode only the new messages), nothing recorded or checked: "
+        "chat_over_raw is what the message format itself costs, sessions_over_chat what the pool adds",
         "cpu_ms_per_turn_*: CPU of those processes of this run per session turn (Driver: the caller, which "
-        "runs the turns; EngineCore: vLLM's engine core; raw_RawEngine: the raw engine's process and core)",
+        "runs the turns; EngineCore: vLLM's engine core; raw_RawEngine, chat_RawEngine: the raw engine's process "
+        "and core)",
         "engine_core_runqueue_wait_ms_per_turn_*: how long the engine core's threads were runnable but "
         "waited for a core (/proc schedstat), per turn: where the pool's own processes compete with the "
         "engine for the machine's cores, the raw and sessions figures part",
