@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import IO, Any
 
@@ -183,6 +184,14 @@ async def _generate_all(engine: Any, prompts: list[list[int]], sampling: dict[st
     return {"event": "result", "requests": len(prompts), "tokens": sum(counts), "seconds": seconds}
 
 
+async def _timed(conversations: list[Coroutine[Any, Any, int]], latencies: list[float]) -> dict[str, Any]:
+    """Run every conversation at once; the answer of ``sessions`` and ``chat``."""
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*conversations)
+    seconds = time.perf_counter() - t0
+    return {"event": "result", "tokens": sum(counts), "seconds": seconds, "latencies": latencies}
+
+
 async def _conversations(
     engine: Any, firsts: list[list[int]], suffix: list[int], turns: int, sampling: dict[str, Any]
 ) -> dict[str, Any]:
@@ -209,10 +218,7 @@ async def _conversations(
             ids = [*ids, *sampled, *suffix]
         return generated
 
-    t0 = time.perf_counter()
-    counts = await asyncio.gather(*(one(i, list(p)) for i, p in enumerate(firsts)))
-    seconds = time.perf_counter() - t0
-    return {"event": "result", "tokens": sum(counts), "seconds": seconds, "latencies": latencies}
+    return await _timed([one(i, list(p)) for i, p in enumerate(firsts)], latencies)
 
 
 async def _chat_conversations(
@@ -252,10 +258,7 @@ async def _chat_conversations(
             generated += len(sampled)
         return generated
 
-    t0 = time.perf_counter()
-    counts = await asyncio.gather(*(one(i, list(m)) for i, m in enumerate(firsts)))
-    seconds = time.perf_counter() - t0
-    return {"event": "result", "tokens": sum(counts), "seconds": seconds, "latencies": latencies}
+    return await _timed([one(i, list(m)) for i, m in enumerate(firsts)], latencies)
 
 
 def engine_args(engine_config_json: str) -> Any:
