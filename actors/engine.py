@@ -29,6 +29,8 @@ from inferpool.types import EngineInfo, EngineStats, GenerateRequest, GenerateRe
 
 logger = logging.getLogger(__name__)
 
+_HANDLERS_DRAIN_S = 30.0  # pause("wait"): how long the handlers may take to hand back drained outputs
+
 
 class EngineActor(WeightReceiver):
     """One engine replica: generate, health, stats, abort and lifecycle calls (weight updates:
@@ -56,6 +58,8 @@ class EngineActor(WeightReceiver):
         self._native: dict[str, Any] = {}
         self.info: EngineInfo | None = None
         self._in_flight: dict[str, float] = {}
+        self._drained = asyncio.Event()  # set while no request is in flight here
+        self._drained.set()
         self._by_session: dict[str, set[str]] = {}  # session_id -> its request ids in flight here
         self._aborting: set[str] = set()  # request ids already asked to abort (counted once)
         self._stats = EngineStats(engine_id=engine_id)
@@ -96,6 +100,7 @@ class EngineActor(WeightReceiver):
         self._require_started()
         t0 = time.monotonic()
         self._in_flight[request.request_id] = t0
+        self._drained.clear()
         if request.session_id is not None:
             self._by_session.setdefault(request.session_id, set()).add(request.request_id)
         self._stats.prompt_tokens += len(request.prompt_token_ids)
@@ -127,6 +132,8 @@ class EngineActor(WeightReceiver):
             ) from exc
         finally:
             self._in_flight.pop(request.request_id, None)
+            if not self._in_flight:
+                self._drained.set()
             self._aborting.discard(request.request_id)
             if request.session_id is not None:
                 mine = self._by_session.get(request.session_id)
@@ -242,6 +249,16 @@ class EngineActor(WeightReceiver):
     # -- lifecycle ------------------------------------------------------------------------
     async def pause(self, mode: PauseMode = "keep") -> None:
         await self.backend.pause(mode)
+        if mode == "wait":  # the backend has finished them; their handlers here may still be handing
+            try:  # the last outputs back: return once every one has (the caller then sees them done)
+                await asyncio.wait_for(self._drained.wait(), _HANDLERS_DRAIN_S)
+            except TimeoutError:
+                logger.warning(
+                    "engine %s: paused (wait), but %d requests still in its handlers after %.0fs",
+                    self.engine_id,
+                    len(self._in_flight),
+                    _HANDLERS_DRAIN_S,
+                )
 
     async def resume(self) -> None:
         await self.backend.resume()

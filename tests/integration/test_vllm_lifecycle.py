@@ -48,10 +48,13 @@ async def test_pause_wait_drains_in_flight_requests(vllm_pool: ip.Pool, tokenize
     await wait_in_flight(vllm_pool, deadline_s=30, stat="queue_len")
     try:
         await vllm_pool.pause("wait")
-        assert task.done()  # pause returned once the request had finished
+        # pause returned once the engines had finished it (the caller's task may need one more
+        # turn of its event loop to see the reply, so the engines are asked, not the task)
+        stats = await asyncio.gather(*(vllm_pool.engine_handle(e).stats.remote() for e in vllm_pool.engine_ids()))
+        assert sum(s.in_flight + s.queue_len for s in stats) == 0
+        res = await asyncio.wait_for(task, 30)  # while still paused: it needs no more engine work
     finally:
         await vllm_pool.resume()
-    res = task.result()
     assert res.choices[0].finish_reason == "length" and len(res.choices[0].token_ids) == 300
 
 

@@ -153,6 +153,7 @@ async def test_abort_session_from_another_process_reaches_turns_run_in_the_calle
     class Rollout:
         def __init__(self, pool: ip.Pool) -> None:
             self.session = pool.session()
+            pool.renderer()  # a rollout worker loads its chat template once, before its first turn
             self.turn: asyncio.Future[Any] | None = None
 
         async def start(self) -> str:
@@ -169,7 +170,7 @@ async def test_abort_session_from_another_process_reaches_turns_run_in_the_calle
     worker = Rollout.remote(slow_pool)  # type: ignore[attr-defined]
     try:
         session_id = await worker.start.remote()
-        await wait_in_flight(slow_pool)
+        await wait_in_flight(slow_pool, deadline_s=30)  # a fresh worker process on a loaded machine
         await wait_decoded(slow_pool, 3)
         assert not slow_pool.dispatcher.runs_session(session_id)  # the turn runs in the worker
         if how == "pool.abort_session":
