@@ -33,7 +33,9 @@ def _unfrozen() -> Iterator[None]:
 def test_a_freeze_keeps_survivors_out_of_collection_until_unfrozen() -> None:
     node = _Node()
     ref = weakref.ref(node)
-    assert freeze_heap("test") == gc.get_freeze_count() > 0
+    frozen = freeze_heap("test")
+    # only a freeze adds to the count; Ray's threads in this process may free frozen objects meanwhile
+    assert 0 < gc.get_freeze_count() <= frozen
     del node  # now garbage, but only reachable through its own cycle, and frozen
     gc.collect()
     assert ref() is not None, "a frozen object was collected"
