@@ -58,8 +58,7 @@ class EngineActor(WeightReceiver):
         self._native: dict[str, Any] = {}
         self.info: EngineInfo | None = None
         self._in_flight: dict[str, float] = {}
-        self._drained = asyncio.Event()  # set while no request is in flight here
-        self._drained.set()
+        self._left = asyncio.Event()  # set each time a request leaves its handler (pause("wait") waits on it)
         self._by_session: dict[str, set[str]] = {}  # session_id -> its request ids in flight here
         self._aborting: set[str] = set()  # request ids already asked to abort (counted once)
         self._stats = EngineStats(engine_id=engine_id)
@@ -100,7 +99,6 @@ class EngineActor(WeightReceiver):
         self._require_started()
         t0 = time.monotonic()
         self._in_flight[request.request_id] = t0
-        self._drained.clear()
         if request.session_id is not None:
             self._by_session.setdefault(request.session_id, set()).add(request.request_id)
         self._stats.prompt_tokens += len(request.prompt_token_ids)
@@ -132,8 +130,7 @@ class EngineActor(WeightReceiver):
             ) from exc
         finally:
             self._in_flight.pop(request.request_id, None)
-            if not self._in_flight:
-                self._drained.set()
+            self._left.set()
             self._aborting.discard(request.request_id)
             if request.session_id is not None:
                 mine = self._by_session.get(request.session_id)
@@ -248,17 +245,22 @@ class EngineActor(WeightReceiver):
 
     # -- lifecycle ------------------------------------------------------------------------
     async def pause(self, mode: PauseMode = "keep") -> None:
+        draining = set(self._in_flight)  # requests sent during the pause wait in the backend: not these
         await self.backend.pause(mode)
         if mode == "wait":  # the backend has finished them; their handlers here may still be handing
-            try:  # the last outputs back: return once every one has (the caller then sees them done)
-                await asyncio.wait_for(self._drained.wait(), _HANDLERS_DRAIN_S)
+            await self._handlers_done(draining)  # the last outputs back (the caller then sees them done)
+
+    async def _handlers_done(self, ids: set[str]) -> None:
+        """Wait (bounded) until none of ``ids`` is in flight here any more."""
+        end = time.monotonic() + _HANDLERS_DRAIN_S
+        while not ids.isdisjoint(self._in_flight):
+            self._left.clear()
+            try:
+                await asyncio.wait_for(self._left.wait(), max(0.0, end - time.monotonic()))
             except TimeoutError:
-                logger.warning(
-                    "engine %s: paused (wait), but %d requests still in its handlers after %.0fs",
-                    self.engine_id,
-                    len(self._in_flight),
-                    _HANDLERS_DRAIN_S,
-                )
+                left = len(ids & self._in_flight.keys())
+                logger.warning("engine %s: paused (wait), %d requests still in its handlers", self.engine_id, left)
+                return
 
     async def resume(self) -> None:
         await self.backend.resume()

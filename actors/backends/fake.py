@@ -78,7 +78,7 @@ class FakeBackend(BaseBackend):
     """Deterministic fake engine."""
 
     name = "fake"
-    control_methods = frozenset({"inject_fault", "set_latency", "progress", "weights_digest"})
+    control_methods = frozenset({"inject_fault", "set_latency", "progress", "paused", "weights_digest"})
 
     def __init__(self, config: EngineConfig, engine_id: str) -> None:
         self.config = config
@@ -146,6 +146,10 @@ class FakeBackend(BaseBackend):
     def progress(self) -> int:
         """Decode steps taken so far (tests wait on it instead of sleeping)."""
         return self.decode_steps
+
+    def paused(self) -> PauseMode | None:
+        """The pause mode in force, None when running (tests wait on it instead of sleeping)."""
+        return self._pause_mode
 
     def _take_fault(self) -> FaultMode:
         if self._fault == "none" or self._served < self._fault_after or self._faults_left == 0:

@@ -198,6 +198,25 @@ async def test_pause_wait_drains_and_holds_new_requests(slow_pool: ip.Pool) -> N
     assert (await asyncio.wait_for(held, 10)).choices[0].finish_reason == "length"
 
 
+async def test_pause_wait_does_not_wait_for_requests_sent_during_the_pause(slow_pool: ip.Pool) -> None:
+    first = asyncio.ensure_future(slow_pool.generate([9], ip.SamplingParams(max_tokens=10)))
+    await wait_in_flight(slow_pool)
+    handle = slow_pool.engine_handle(slow_pool.engine_ids()[0])
+    pausing = asyncio.ensure_future(slow_pool.pause("wait"))
+    end = time.monotonic() + 10
+    while await handle.control.remote("paused") != "wait":  # ``later`` is sent once the engine is pausing
+        assert time.monotonic() < end, "the engine never paused"
+        await asyncio.sleep(0.005)
+    later = asyncio.ensure_future(slow_pool.generate([9], ip.SamplingParams(max_tokens=2)))
+    try:
+        await asyncio.wait_for(pausing, 10)  # drains ``first`` only; ``later`` waits for resume
+        assert (await asyncio.wait_for(first, 10)).choices[0].finish_reason == "length"
+        assert not later.done()
+    finally:
+        await slow_pool.resume()
+    assert (await asyncio.wait_for(later, 10)).choices[0].finish_reason == "length"
+
+
 async def test_pause_keep_freezes_and_resume_continues(slow_pool: ip.Pool) -> None:
     task = asyncio.ensure_future(slow_pool.generate([10], ip.SamplingParams(max_tokens=15)))
     await wait_in_flight(slow_pool)
